@@ -1,0 +1,235 @@
+"""Typed HTTP client of the Atropos trajectory API (``run-api``).
+
+Every call names the URL it used when it fails. Transient failures (connection
+refused or reset, a timeout, a 5xx, a body that is not JSON) are retried with
+exponential backoff; a 4xx or an error body fails at once with the server's own
+message, because asking again cannot fix it. An empty ``/batch`` is polled with
+the same backoff until a batch is full or ``timeout`` has passed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import httpx
+
+from .config import AtroposConfig
+
+logger = logging.getLogger(__name__)
+
+
+class AtroposAPIError(RuntimeError):
+    """A call to the trajectory API failed."""
+
+
+class AtroposConnectionError(AtroposAPIError):
+    """The API could not be reached, or kept answering 5xx or non-JSON, through every retry."""
+
+
+class AtroposRequestError(AtroposAPIError):
+    """The API refused a request (4xx or an error body); retrying would not help."""
+
+
+class AtroposBatchTimeout(AtroposAPIError, TimeoutError):
+    """No full batch arrived within the configured wait."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What the trainer tells the API in ``POST /register``.
+
+    ``batch_size`` counts sequences (``data.train_batch_size x rollout.n``), not groups.
+    """
+
+    batch_size: int
+    max_token_len: int
+    num_steps: int
+    starting_step: int = 0
+    checkpoint_dir: str = ""
+    save_checkpoint_interval: int = -1
+    wandb_group: str = ""
+    wandb_project: str = ""
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_token_len", "num_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Registration.{name} must be > 0, got {getattr(self, name)}")
+        if self.starting_step < 0:
+            raise ValueError(f"Registration.starting_step must be >= 0, got {self.starting_step}")
+
+
+@dataclass(frozen=True)
+class FetchedBatch:
+    """One batch as ``GET /batch`` formed it: whole scored groups, never split."""
+
+    groups: list[dict[str, Any]]
+    wait_s: float
+    polls: int
+
+    @property
+    def num_sequences(self) -> int:
+        return sum(len(group.get("tokens") or ()) for group in self.groups)
+
+
+class AtroposClient:
+    """Client of one trajectory API. Not thread-safe: use one per thread."""
+
+    def __init__(
+        self,
+        api_url: str,
+        timeout: float = 600.0,
+        max_retries: int = 5,
+        backoff_initial_s: float = 0.05,
+        backoff_max_s: float = 2.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        self.api_url = api_url.rstrip("/")
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self._http = httpx.Client(base_url=self.api_url, timeout=timeout, transport=transport)
+
+    @classmethod
+    def from_config(cls, config: AtroposConfig) -> AtroposClient:
+        return cls(
+            api_url=config.api_url,
+            timeout=config.timeout,
+            max_retries=config.max_retries,
+            backoff_initial_s=config.backoff_initial_s,
+            backoff_max_s=config.backoff_max_s,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> AtroposClient:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # -- the API's routes ------------------------------------------------------------
+
+    def register(self, registration: Registration) -> Any:
+        """Register this trainer; returns the API's id for it."""
+        body = self._call("POST", "/register", json=asdict(registration))
+        if "uuid" not in body:
+            raise AtroposRequestError(f"POST {self._url('/register')} answered without a 'uuid': {body!r}")
+        logger.info(
+            "registered with %s: batch_size=%d sequences, max_token_len=%d, starting_step=%d, num_steps=%d",
+            self.api_url,
+            registration.batch_size,
+            registration.max_token_len,
+            registration.starting_step,
+            registration.num_steps,
+        )
+        return body["uuid"]
+
+    def fetch_batch(self, timeout: float | None = None) -> FetchedBatch:
+        """Wait for one full batch; poll with backoff while the API answers ``{"batch": null}``.
+
+        Raises :class:`AtroposBatchTimeout` after ``timeout`` seconds (default: the
+        client's), naming the URL, the wait and what the API had queued.
+        """
+        wait_limit = self.timeout if timeout is None else timeout
+        started = time.monotonic()
+        deadline = started + wait_limit
+        delay = self.backoff_initial_s
+        polls = 0
+        while True:
+            polls += 1
+            body = self._call("GET", "/batch")
+            if body.get("status") == "error":
+                raise AtroposRequestError(
+                    f"GET {self._url('/batch')} answered an error: {body.get('message', body)!r}; "
+                    "the trainer must POST /register before fetching batches"
+                )
+            groups = body.get("batch")
+            if groups is not None:
+                if not isinstance(groups, list):
+                    raise AtroposRequestError(
+                        f"GET {self._url('/batch')} answered a 'batch' that is not a list: {type(groups).__name__}"
+                    )
+                return FetchedBatch(groups=groups, wait_s=time.monotonic() - started, polls=polls)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AtroposBatchTimeout(self._timeout_message(time.monotonic() - started, wait_limit))
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, self.backoff_max_s)
+
+    def status(self) -> dict[str, Any]:
+        """``GET /status``: ``{"current_step", "queue_size"}`` (queue size in groups)."""
+        return self._call("GET", "/status")
+
+    def info(self) -> dict[str, Any]:
+        """``GET /info``: the registered ``batch_size`` and ``max_token_len`` (-1 before /register)."""
+        return self._call("GET", "/info")
+
+    def disconnect_env(self, env_id: int) -> None:
+        body = self._call("POST", "/disconnect-env", json={"env_id": env_id})
+        if body.get("status") != "success":
+            raise AtroposRequestError(
+                f"POST {self._url('/disconnect-env')} could not disconnect env {env_id}: {body.get('error', body)!r}"
+            )
+
+    # -- transport -------------------------------------------------------------------
+
+    def _url(self, path: str) -> str:
+        return f"{self.api_url}{path}"
+
+    def _call(self, method: str, path: str, json: Any = None) -> dict[str, Any]:
+        """One logical call: retried on transient failures, then an error naming URL and cause."""
+        url = self._url(path)
+        delay = self.backoff_initial_s
+        started = time.monotonic()
+        attempts = self.max_retries + 1
+        cause = ""
+        for attempt in range(1, attempts + 1):
+            try:
+                response = self._http.request(method, path, json=json)
+            except httpx.TransportError as exc:
+                cause = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.status_code >= 500:
+                    cause = f"HTTP {response.status_code}: {response.text[:200]!r}"
+                elif response.status_code >= 400:
+                    raise AtroposRequestError(
+                        f"{method} {url} was refused with HTTP {response.status_code}: {response.text[:500]}"
+                    )
+                else:
+                    try:
+                        body = response.json()
+                    except ValueError:
+                        cause = f"HTTP {response.status_code} with a body that is not JSON: {response.text[:200]!r}"
+                    else:
+                        if isinstance(body, dict):
+                            return body
+                        cause = f"HTTP {response.status_code} with JSON that is not an object: {response.text[:200]!r}"
+            if attempt < attempts:
+                logger.warning("%s %s failed (attempt %d of %d): %s", method, url, attempt, attempts, cause)
+                time.sleep(delay)
+                delay = min(delay * 2, self.backoff_max_s)
+        raise AtroposConnectionError(
+            f"{method} {url} failed after {attempts} attempts over {time.monotonic() - started:.1f} s: {cause}. "
+            f"Is the trajectory API (run-api) running at {self.api_url}? (trainer.atropos.api_url)"
+        )
+
+    def _timeout_message(self, waited: float, wait_limit: float) -> str:
+        try:
+            queued = self.status()
+            info = self.info()
+            state = (
+                f"the API is at step {queued.get('current_step')} with {queued.get('queue_size')} groups queued, "
+                f"fewer sequences than the registered batch_size={info.get('batch_size')}"
+            )
+        except AtroposAPIError as exc:
+            state = f"its status could not be read either ({exc})"
+        return (
+            f"no full batch from GET {self._url('/batch')} after waiting {waited:.1f} s "
+            f"(trainer.atropos.timeout={wait_limit:g}): {state}. "
+            "Are the environments running and posting scored groups to this API?"
+        )

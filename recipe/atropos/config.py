@@ -1,0 +1,51 @@
+"""Typed settings under ``trainer.atropos`` (one place for every default).
+
+Hydra builds :class:`AtroposConfig` from the YAML through ``_target_``; an unknown
+key or a value of the wrong type fails at start-up instead of deep in a run.
+"""
+
+from dataclasses import dataclass
+
+from verl.base_config import BaseConfig
+
+
+@dataclass
+class AtroposConfig(BaseConfig):
+    """How the trainer talks to the Atropos trajectory API and uses what it sends.
+
+    Attributes:
+        api_url: base URL of the trajectory API (``run-api``).
+        timeout: seconds for one HTTP call, and the longest wait for a full batch.
+        use_advantages: train on the token-level advantages a group carries.
+        fallback_to_grpo: a group without advantages gets GRPO advantages from
+            its scores; if false such a group is rejected (counted, not trained).
+        max_retries: retries of one call after a connection error, a 5xx or a
+            body that is not JSON, before the call fails.
+        backoff_initial_s: first pause between retries and between polls of an
+            empty ``/batch``; it doubles up to ``backoff_max_s``.
+        backoff_max_s: longest pause between retries and polls.
+    """
+
+    api_url: str = "http://localhost:9001"
+    timeout: float = 600.0
+    use_advantages: bool = True
+    fallback_to_grpo: bool = True
+    max_retries: int = 5
+    backoff_initial_s: float = 0.05
+    backoff_max_s: float = 2.0
+
+    def __post_init__(self):
+        if not self.api_url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"trainer.atropos.api_url must be an http(s) URL, got {self.api_url!r}; "
+                "set it to the trajectory API's address, e.g. http://localhost:9001"
+            )
+        if self.timeout <= 0:
+            raise ValueError(f"trainer.atropos.timeout must be > 0 seconds, got {self.timeout}")
+        if self.max_retries < 0:
+            raise ValueError(f"trainer.atropos.max_retries must be >= 0, got {self.max_retries}")
+        if not 0 < self.backoff_initial_s <= self.backoff_max_s:
+            raise ValueError(
+                "trainer.atropos.backoff_initial_s must be > 0 and <= trainer.atropos.backoff_max_s, "
+                f"got {self.backoff_initial_s} and {self.backoff_max_s}"
+            )

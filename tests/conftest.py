@@ -1,0 +1,76 @@
+"""Shared fixtures: a real Atropos trajectory API (``run-api``) on a free loopback port."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class TrajectoryAPI:
+    url: str
+    process: subprocess.Popen
+
+    def post(self, path: str, body) -> dict:
+        response = httpx.post(f"{self.url}{path}", json=body, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def get(self, path: str) -> dict:
+        response = httpx.get(f"{self.url}{path}", timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def register_env(self, name: str, group_size: int, max_token_length: int = 4096) -> int:
+        body = {"max_token_length": max_token_length, "desired_name": name, "weight": 1.0, "group_size": group_size}
+        answer = self.post("/register-env", body)
+        assert answer["status"] == "success", answer
+        return answer["env_id"]
+
+
+@pytest.fixture
+def trajectory_api(tmp_path):
+    """A fresh ``run-api`` process per test (its state lives in memory), stopped by PID."""
+    port = free_port()
+    log = open(tmp_path / "run-api.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "atroposlib.cli.run_api", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"run-api exited with {process.returncode}: {(tmp_path / 'run-api.log').read_text()}")
+        try:
+            if httpx.get(f"{url}/", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"run-api did not answer on {url} within 60 s")
+        time.sleep(0.1)
+    try:
+        yield TrajectoryAPI(url=url, process=process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
