@@ -16,7 +16,7 @@ from recipe.atropos.client import (
     AtroposRequestError,
     Registration,
 )
-from recipe.atropos.config import AtroposConfig
+from recipe.atropos.settings import AtroposConfig
 from tests.conftest import free_port
 
 

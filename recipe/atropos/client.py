@@ -10,13 +10,14 @@ the same backoff until a batch is full or ``timeout`` has passed.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import httpx
 
-from .config import AtroposConfig
+from .settings import AtroposConfig
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +130,12 @@ class AtroposClient:
         )
         return body["uuid"]
 
-    def fetch_batch(self, timeout: float | None = None) -> FetchedBatch:
+    def fetch_batch(self, timeout: float | None = None, cancel: threading.Event | None = None) -> FetchedBatch | None:
         """Wait for one full batch; poll with backoff while the API answers ``{"batch": null}``.
 
         Raises :class:`AtroposBatchTimeout` after ``timeout`` seconds (default: the
-        client's), naming the URL, the wait and what the API had queued.
+        client's), naming the URL, the wait and what the API had queued. Returns
+        ``None`` if ``cancel`` is set while waiting.
         """
         wait_limit = self.timeout if timeout is None else timeout
         started = time.monotonic()
@@ -158,7 +160,10 @@ class AtroposClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AtroposBatchTimeout(self._timeout_message(time.monotonic() - started, wait_limit))
-            time.sleep(min(delay, remaining))
+            if cancel is None:
+                time.sleep(min(delay, remaining))
+            elif cancel.wait(min(delay, remaining)):
+                return None
             delay = min(delay * 2, self.backoff_max_s)
 
     def status(self) -> dict[str, Any]:

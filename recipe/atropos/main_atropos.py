@@ -1,0 +1,68 @@
+"""Hydra entry point: GRPO in verl on batches from the Atropos trajectory API.
+
+    python -m recipe.atropos.main_atropos --config-name atropos_grpo_small [key=value ...]
+
+Like verl's ``main_ppo`` with the legacy trainer, but it builds no training
+dataset (environments supply the data) and runs :class:`RayGRPOAtroposTrainer`.
+Every verl key works from the command line, e.g.
+``actor_rollout_ref.model.lora_rank=8 trainer.total_training_steps=50``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import hydra
+import ray
+from omegaconf import OmegaConf
+from verl.trainer.main_ppo import run_ppo
+from verl.trainer.main_ppo_v0 import BaseTaskRunner
+from verl.trainer.ppo.utils import need_critic, need_reference_policy
+from verl.utils.config import omega_conf_to_dataclass, validate_config
+
+
+def check_config(config) -> None:
+    """Fail at start-up, naming the key, where a setting cannot work with Atropos data."""
+    if config.algorithm.adv_estimator != "grpo":
+        raise ValueError(
+            f"algorithm.adv_estimator={config.algorithm.adv_estimator!r}: this trainer computes GRPO advantages "
+            "merged with Atropos token-level advantages; set algorithm.adv_estimator=grpo"
+        )
+    if config.trainer.get("use_v1", False):
+        raise ValueError("trainer.use_v1=true: RayGRPOAtroposTrainer extends the legacy trainer; set trainer.use_v1=false")
+
+
+class AtroposTaskRunner(BaseTaskRunner):
+    """Builds workers, resource pools and the trainer inside the Ray driver task."""
+
+    def run(self, config):
+        from verl.single_controller.ray import RayWorkerGroup
+
+        from .trainer import RayGRPOAtroposTrainer
+
+        print(f"AtroposTaskRunner on {socket.gethostname()}, PID {os.getpid()}")
+        OmegaConf.resolve(config)
+        self.add_actor_rollout_worker(config)
+        validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+        model_config = omega_conf_to_dataclass(config.actor_rollout_ref.model)
+        trainer = RayGRPOAtroposTrainer(
+            config=config,
+            tokenizer=model_config.tokenizer,
+            processor=model_config.processor,
+            role_worker_mapping=self.role_worker_mapping,
+            resource_pool_manager=self.init_resource_pool_mgr(config),
+            ray_worker_group_cls=RayWorkerGroup,
+        )
+        trainer.init_workers()
+        trainer.fit()
+
+
+@hydra.main(config_path="config", config_name="atropos_grpo_small", version_base=None)
+def main(config) -> None:
+    check_config(config)
+    run_ppo(config, task_runner_class=ray.remote(num_cpus=1)(AtroposTaskRunner))
+
+
+if __name__ == "__main__":
+    main()

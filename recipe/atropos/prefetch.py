@@ -1,0 +1,90 @@
+"""Fetch and convert the next Atropos batch in the background while the current one trains.
+
+Batches are fetched only on request: every ``GET /batch`` that returns data takes
+it off the API's queue and advances the API's step, so fetching more than the
+trainer will use would lose data. The trainer asks for one batch per step plus
+one ahead, and for a replacement when every group of a batch was rejected.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .batch import ConversionResult
+from .client import AtroposClient
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefetchedBatch:
+    result: ConversionResult
+    fetch_s: float  # time the background thread spent waiting on the API
+    convert_s: float  # validation + conversion time, off the training thread
+
+
+class BatchPrefetcher:
+    """One background thread that fetches (``GET /batch``) and converts batches on request."""
+
+    def __init__(self, client: AtroposClient, convert: Callable[[list[dict]], ConversionResult]):
+        self._client = client
+        self._convert = convert
+        self._requests = threading.Semaphore(0)
+        self._ready: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="atropos-prefetch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request(self, count: int = 1) -> None:
+        """Ask for ``count`` more batches, delivered in order by :meth:`get`."""
+        for _ in range(count):
+            self._requests.release()
+
+    def get(self) -> tuple[PrefetchedBatch, float]:
+        """The next requested batch and how long this call waited for it.
+
+        Re-raises, in the training thread, any error the background fetch hit.
+        """
+        started = time.monotonic()
+        item = self._ready.get()
+        waited = time.monotonic() - started
+        if isinstance(item, BaseException):
+            raise item
+        return item, waited
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._requests.release()  # wake the thread if it waits for a request
+        self._thread.join(timeout=self._client.timeout + 5)
+
+    def _run(self) -> None:
+        while True:
+            self._requests.acquire()
+            if self._stop.is_set():
+                return
+            try:
+                started = time.monotonic()
+                fetched = self._client.fetch_batch(cancel=self._stop)
+                if fetched is None:
+                    return
+                converted_at = time.monotonic()
+                result = self._convert(fetched.groups)
+                self._ready.put(
+                    PrefetchedBatch(
+                        result=result,
+                        fetch_s=converted_at - started,
+                        convert_s=time.monotonic() - converted_at,
+                    )
+                )
+                for rejection in result.rejections:
+                    logger.warning("%s", rejection)
+            except BaseException as exc:  # handed to the training thread, which raises it
+                self._ready.put(exc)
+                return

@@ -1,0 +1,281 @@
+"""``RayGRPOAtroposTrainer``: verl's legacy ``RayPPOTrainer`` fed by the Atropos trajectory API.
+
+What differs from verl's own loop, and why:
+
+* no training dataset: environments generate and score, the trainer fetches their
+  scored groups (``GET /batch``), so ``trainer.total_training_steps`` must be set
+  and ``data.val_files`` (optional) only drives verl's validation;
+* the next batch is fetched and converted in a background thread while the current
+  one trains (:mod:`.prefetch`);
+* advantages come from :func:`.advantages.apply_atropos_advantages` (GRPO merged with
+  the environments' token-level advantages) instead of verl's ``compute_advantage``.
+
+Everything else is verl's: its workers, ``_compute_old_log_prob``,
+``_compute_ref_log_prob``, ``_update_actor``, checkpointing, weight sync through
+its checkpoint-engine manager, metrics and trackers.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf, open_dict
+from torchdata.stateful_dataloader import StatefulDataLoader
+from verl import DataProto
+from verl.trainer.ppo.core_algos import agg_loss
+from verl.trainer.ppo.metric_utils import compute_data_metrics, compute_throughout_metrics, compute_timing_metrics
+from verl.trainer.ppo.ray_trainer import RayPPOTrainer, apply_kl_penalty
+from verl.trainer.ppo.utils import create_rl_dataset
+from verl.utils.config import omega_conf_to_dataclass
+from verl.utils.debug import marked_timer
+from verl.utils.metric import reduce_metrics
+from verl.utils.tracking import Tracking
+
+from .advantages import apply_atropos_advantages
+from .batch import groups_to_dataproto
+from .client import AtroposClient, Registration
+from .settings import AtroposConfig
+from .metrics import atropos_metrics
+from .prefetch import BatchPrefetcher
+
+logger = logging.getLogger(__name__)
+
+
+class _NoTrainData:
+    """Stands where verl keeps its train dataloader: checkpoints save and load its (empty) state."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class RayGRPOAtroposTrainer(RayPPOTrainer):
+    """GRPO on batches from the Atropos trajectory API; see the module docstring."""
+
+    def __init__(self, config, tokenizer, role_worker_mapping, resource_pool_manager, **kwargs):
+        self.atropos: AtroposConfig = omega_conf_to_dataclass(config.trainer.atropos, AtroposConfig)
+        super().__init__(config, tokenizer, role_worker_mapping, resource_pool_manager, **kwargs)
+
+    # -- set-up ----------------------------------------------------------------------
+
+    def _create_dataloader(self, train_dataset, val_dataset, collate_fn, train_sampler):
+        steps = self.config.trainer.total_training_steps
+        if not steps or steps <= 0:
+            raise ValueError(
+                f"trainer.total_training_steps must be a positive number, got {steps}: batches stream from the "
+                "Atropos API, so there is no dataset size to derive the number of steps from"
+            )
+        self.total_training_steps = steps
+        self.train_dataset = None
+        self.train_dataloader = _NoTrainData(steps)
+        if val_dataset is None and self.config.data.get("val_files"):
+            val_dataset = create_rl_dataset(self.config.data.val_files, self.config.data, self.tokenizer, self.processor)
+        self.val_dataset = val_dataset
+        self.val_dataloader = None
+        if val_dataset is not None:
+            from verl.utils.dataset.rl_dataset import collate_fn as default_collate_fn
+
+            self.val_dataloader = StatefulDataLoader(
+                dataset=val_dataset,
+                batch_size=self.config.data.val_batch_size or len(val_dataset),
+                num_workers=self.config.data["dataloader_num_workers"],
+                shuffle=False,
+                drop_last=False,
+                collate_fn=collate_fn or default_collate_fn,
+            )
+        with open_dict(self.config):
+            self.config.actor_rollout_ref.actor.optim.total_training_steps = steps
+
+    def registration(self) -> Registration:
+        """What the trainer registers with the API: sizes in sequences, and the step it resumed from."""
+        trainer, data = self.config.trainer, self.config.data
+        return Registration(
+            batch_size=data.train_batch_size * self.config.actor_rollout_ref.rollout.n,
+            max_token_len=data.max_prompt_length + data.max_response_length,
+            num_steps=self.total_training_steps,
+            starting_step=self.global_steps,
+            checkpoint_dir=str(trainer.default_local_dir),
+            save_checkpoint_interval=trainer.save_freq,
+            wandb_group=str(trainer.experiment_name),
+            wandb_project=str(trainer.project_name),
+        )
+
+    def _convert(self, groups: list[dict]):
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        return groups_to_dataproto(
+            groups,
+            max_token_len=self.config.data.max_prompt_length + self.config.data.max_response_length,
+            pad_token_id=pad,
+            require_advantages=not self.atropos.fallback_to_grpo,
+        )
+
+    # -- the loop --------------------------------------------------------------------
+
+    def fit(self):
+        tracker = Tracking(
+            project_name=self.config.trainer.project_name,
+            experiment_name=self.config.trainer.experiment_name,
+            default_backend=self.config.trainer.logger,
+            config=OmegaConf.to_container(self.config, resolve=True),
+        )
+        self.global_steps = 0
+        self._load_checkpoint()
+        self.checkpoint_manager.update_weights(self.global_steps)
+
+        client = AtroposClient.from_config(self.atropos)
+        client.register(self.registration())
+        prefetcher = BatchPrefetcher(client, self._convert)
+        prefetcher.start()
+        # one batch for the first step, one fetched ahead while it trains
+        prefetcher.request(min(2, self.total_training_steps - self.global_steps))
+        try:
+            if self.val_dataloader is not None and self.config.trainer.get("val_before_train", True):
+                tracker.log(data=self._validate(), step=self.global_steps)
+            self.global_steps += 1
+            while self.global_steps <= self.total_training_steps:
+                metrics = self.train_step(prefetcher)
+                if metrics is None:
+                    continue
+                tracker.log(data=metrics, step=self.global_steps)
+                self.global_steps += 1
+        finally:
+            prefetcher.stop()
+            client.close()
+            self._shutdown_dump_executor()
+
+    def train_step(self, prefetcher: BatchPrefetcher) -> dict | None:
+        """One GRPO step on the next Atropos batch; ``None`` if every group of it was rejected."""
+        metrics, timing_raw = {}, {}
+        with marked_timer("step", timing_raw):
+            with marked_timer("gen", timing_raw):
+                prefetched, waited = prefetcher.get()
+            result = prefetched.result
+            if result.data is None:
+                logger.warning("step %d: every group of the batch was rejected; fetching another", self.global_steps)
+                prefetcher.request(1)
+                return None
+            if self.global_steps + 1 <= self.total_training_steps:
+                prefetcher.request(1)  # the batch after the next one, fetched while this one trains
+            batch = self._prepare_batch(result.data, metrics)
+            self.checkpoint_manager.sleep_replicas()
+            batch = self._old_log_probs(batch, metrics, timing_raw)
+            if self.use_reference_policy:
+                with marked_timer("ref", timing_raw):
+                    batch = batch.union(self._compute_ref_log_prob(batch))
+            with marked_timer("adv", timing_raw):
+                batch = self._advantages(batch, metrics)
+            with marked_timer("update_actor", timing_raw):
+                actor_output = self._update_actor(batch)
+            metrics.update(reduce_metrics(actor_output.meta_info["metrics"]))
+            self._maybe_save_checkpoint(timing_raw)
+            with marked_timer("update_weights", timing_raw):
+                self.checkpoint_manager.update_weights(self.global_steps)
+        self._maybe_validate(metrics, timing_raw)
+
+        metrics.update(atropos_metrics(result, batch_wait_s=waited))
+        metrics["atropos/fetch_s"] = prefetched.fetch_s
+        metrics["atropos/convert_s"] = prefetched.convert_s
+        metrics["training/global_step"] = self.global_steps
+        metrics.update(compute_data_metrics(batch=batch, use_critic=False))
+        metrics.update(compute_timing_metrics(batch=batch, timing_raw=timing_raw))
+        n_gpus = self.resource_pool_manager.get_n_gpus()
+        metrics.update(compute_throughout_metrics(batch=batch, timing_raw=timing_raw, n_gpus=n_gpus))
+        return metrics
+
+    # -- stages ----------------------------------------------------------------------
+
+    def _prepare_batch(self, batch: DataProto, metrics: dict) -> DataProto:
+        batch = self._pad_to_dp_size(batch)
+        batch.meta_info["temperature"] = self.config.actor_rollout_ref.rollout.temperature
+        batch.meta_info["global_steps"] = self.global_steps
+        if self.config.trainer.balance_batch:
+            self._balance_batch(batch, metrics=metrics)
+        batch.meta_info["global_token_num"] = torch.sum(batch.batch["attention_mask"], dim=-1).tolist()
+        batch.meta_info["images_seqlens"] = []
+        return batch
+
+    def _pad_to_dp_size(self, batch: DataProto) -> DataProto:
+        """Rejected groups can leave a batch that does not split evenly over the actor's DP ranks.
+
+        Pad with copies whose loss mask is empty, each its own GRPO group, so they
+        change neither the loss nor any real group's mean and std.
+        """
+        dp_size = self._get_dp_size(self.actor_rollout_wg, "actor")
+        missing = -len(batch) % dp_size
+        if missing == 0:
+            return batch
+        pad = batch.select_idxs(np.arange(missing) % len(batch))
+        pad.batch["response_mask"] = torch.zeros_like(pad.batch["response_mask"])
+        pad.batch["token_level_scores"] = torch.zeros_like(pad.batch["token_level_scores"])
+        pad.non_tensor_batch["uid"] = np.array([f"pad-{uuid.uuid4()}" for _ in range(missing)], dtype=object)
+        return DataProto.concat([batch, pad])
+
+    def _old_log_probs(self, batch: DataProto, metrics: dict, timing_raw: dict) -> DataProto:
+        """Recompute old log-probs, or take the environments' inference log-probs where asked."""
+        rollout_corr = self.config.algorithm.get("rollout_correction", None)
+        if rollout_corr and rollout_corr.get("bypass_mode", False):
+            if "rollout_log_probs" in batch.batch.keys():
+                from verl.trainer.ppo.rollout_corr_helper import apply_bypass_mode
+
+                apply_bypass_mode(batch, rollout_corr, self.config.actor_rollout_ref.actor.policy_loss)
+                return batch
+            logger.warning(
+                "algorithm.rollout_correction.bypass_mode is on but this batch has no inference_logprobs "
+                "from every environment; recomputing old log-probs"
+            )
+        with marked_timer("old_log_prob", timing_raw):
+            old_log_prob, mfu = self._compute_old_log_prob(batch)
+        actor = self.config.actor_rollout_ref.actor
+        entropy = agg_loss(
+            loss_mat=old_log_prob.batch.pop("entropys"),
+            loss_mask=batch.batch["response_mask"],
+            loss_agg_mode=actor.loss_agg_mode,
+            loss_scale_factor=actor.loss_scale_factor,
+        )
+        metrics.update({"actor/entropy": entropy.item(), "perf/mfu/actor_infer": mfu})
+        return batch.union(old_log_prob)
+
+    def _advantages(self, batch: DataProto, metrics: dict) -> DataProto:
+        algorithm = self.config.algorithm
+        if algorithm.use_kl_in_reward:
+            batch, kl_metrics = apply_kl_penalty(batch, kl_ctrl=self.kl_ctrl_in_reward, kl_penalty=algorithm.kl_penalty)
+            metrics.update(kl_metrics)
+        else:
+            batch.batch["token_level_rewards"] = batch.batch["token_level_scores"]
+        rollout_corr = algorithm.get("rollout_correction", None)
+        if rollout_corr is not None and "rollout_log_probs" in batch.batch.keys() and not rollout_corr.get("bypass_mode"):
+            from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch
+
+            batch, is_metrics = compute_rollout_correction_and_add_to_batch(batch, rollout_corr)
+            metrics.update(is_metrics)
+        return apply_atropos_advantages(
+            batch,
+            use_advantages=self.atropos.use_advantages,
+            norm_adv_by_std_in_grpo=algorithm.get("norm_adv_by_std_in_grpo", True),
+        )
+
+    def _maybe_save_checkpoint(self, timing_raw: dict) -> None:
+        save_freq = self.config.trainer.save_freq
+        last = self.global_steps >= self.total_training_steps
+        if save_freq > 0 and (last or self.global_steps % save_freq == 0):
+            with marked_timer("save_checkpoint", timing_raw):
+                self._save_checkpoint()
+
+    def _maybe_validate(self, metrics: dict, timing_raw: dict) -> None:
+        test_freq = self.config.trainer.test_freq
+        last = self.global_steps >= self.total_training_steps
+        if self.val_dataloader is not None and test_freq > 0 and (last or self.global_steps % test_freq == 0):
+            with marked_timer("testing", timing_raw):
+                metrics.update(self._validate())
+
