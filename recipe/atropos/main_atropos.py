@@ -36,6 +36,17 @@ def check_config(config) -> None:
 class AtroposTaskRunner(BaseTaskRunner):
     """Builds workers, resource pools and the trainer inside the Ray driver task."""
 
+    def add_actor_rollout_worker(self, config):
+        actor_rollout_cls, ray_worker_group_cls = super().add_actor_rollout_worker(config)
+        if config.trainer.device == "cpu":
+            from .cpu.workers import CPUActorRolloutRefWorker
+
+            # same role verl chose (with or without a fused reference policy), CPU-ready worker
+            for role in self.role_worker_mapping:
+                self.role_worker_mapping[role] = ray.remote(CPUActorRolloutRefWorker)
+            actor_rollout_cls = CPUActorRolloutRefWorker
+        return actor_rollout_cls, ray_worker_group_cls
+
     def run(self, config):
         from verl.single_controller.ray import RayWorkerGroup
 
