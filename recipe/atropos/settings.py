@@ -24,6 +24,11 @@ class AtroposConfig(BaseConfig):
         backoff_initial_s: first pause between retries and between polls of an
             empty ``/batch``; it doubles up to ``backoff_max_s``.
         backoff_max_s: longest pause between retries and polls.
+        gateway_host: address the inference gateway listens on.
+        gateway_port: port of the inference gateway (0: any free port).
+        check_weight_sync: after every weight sync, score one trained sequence on the
+            actor and on every replica and log the largest log-prob gap
+            (``atropos/weight_sync_max_logprob_gap``); costs one extra forward pass.
     """
 
     api_url: str = "http://localhost:9001"
@@ -33,6 +38,13 @@ class AtroposConfig(BaseConfig):
     max_retries: int = 5
     backoff_initial_s: float = 0.05
     backoff_max_s: float = 2.0
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8000
+    check_weight_sync: bool = False
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.gateway_host}:{self.gateway_port}"
 
     def __post_init__(self):
         if not self.api_url.startswith(("http://", "https://")):
@@ -44,6 +56,8 @@ class AtroposConfig(BaseConfig):
             raise ValueError(f"trainer.atropos.timeout must be > 0 seconds, got {self.timeout}")
         if self.max_retries < 0:
             raise ValueError(f"trainer.atropos.max_retries must be >= 0, got {self.max_retries}")
+        if not 0 <= self.gateway_port < 65536:
+            raise ValueError(f"trainer.atropos.gateway_port must be a port number, got {self.gateway_port}")
         if not 0 < self.backoff_initial_s <= self.backoff_max_s:
             raise ValueError(
                 "trainer.atropos.backoff_initial_s must be > 0 and <= trainer.atropos.backoff_max_s, "

@@ -37,7 +37,9 @@ from verl.utils.tracking import Tracking
 from .advantages import apply_atropos_advantages
 from .batch import groups_to_dataproto
 from .client import AtroposClient, Registration
+from .gateway import GatewayServer
 from .settings import AtroposConfig
+from .sync_check import max_logprob_gap, replica_prompt_logprobs
 from .metrics import atropos_metrics
 from .prefetch import BatchPrefetcher
 
@@ -65,7 +67,22 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
 
     def __init__(self, config, tokenizer, role_worker_mapping, resource_pool_manager, **kwargs):
         self.atropos: AtroposConfig = omega_conf_to_dataclass(config.trainer.atropos, AtroposConfig)
+        self.gateway: GatewayServer | None = None
         super().__init__(config, tokenizer, role_worker_mapping, resource_pool_manager, **kwargs)
+
+    def init_workers(self):
+        """verl's workers and inference replicas, then the gateway the environments call."""
+        super().init_workers()
+        self.gateway = GatewayServer(
+            self.llm_server_manager.get_addresses(),
+            host=self.atropos.gateway_host,
+            port=self.atropos.gateway_port,
+            request_timeout=self.atropos.timeout,
+        )
+        self.gateway.start()
+        # verl leaves the replicas asleep after start-up; fit() wakes them with the first weight sync
+        self.gateway.pause()
+        print(f"inference gateway listening on {self.gateway.url}", flush=True)
 
     # -- set-up ----------------------------------------------------------------------
 
@@ -132,6 +149,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         self.global_steps = 0
         self._load_checkpoint()
         self.checkpoint_manager.update_weights(self.global_steps)
+        self.gateway.resume()
 
         client = AtroposClient.from_config(self.atropos)
         client.register(self.registration())
@@ -152,6 +170,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         finally:
             prefetcher.stop()
             client.close()
+            self.gateway.stop()
             self._shutdown_dump_executor()
 
     def train_step(self, prefetcher: BatchPrefetcher) -> dict | None:
@@ -168,7 +187,10 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             if self.global_steps + 1 <= self.total_training_steps:
                 prefetcher.request(1)  # the batch after the next one, fetched while this one trains
             batch = self._prepare_batch(result.data, metrics)
-            self.checkpoint_manager.sleep_replicas()
+            with marked_timer("pause_rollout", timing_raw):
+                # environments wait at the gateway while the replicas sleep, train and take new weights
+                self.gateway.pause()
+                self.checkpoint_manager.sleep_replicas()
             batch = self._old_log_probs(batch, metrics, timing_raw)
             if self.use_reference_policy:
                 with marked_timer("ref", timing_raw):
@@ -181,6 +203,9 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             self._maybe_save_checkpoint(timing_raw)
             with marked_timer("update_weights", timing_raw):
                 self.checkpoint_manager.update_weights(self.global_steps)
+                self.gateway.resume()
+        if self.atropos.check_weight_sync:
+            metrics.update(self._weight_sync_gap(batch))
         self._maybe_validate(metrics, timing_raw)
 
         metrics.update(atropos_metrics(result, batch_wait_s=waited))
@@ -264,6 +289,26 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             use_advantages=self.atropos.use_advantages,
             norm_adv_by_std_in_grpo=algorithm.get("norm_adv_by_std_in_grpo", True),
         )
+
+    def _weight_sync_gap(self, batch: DataProto) -> dict:
+        """Actor vs replica log-probs of the batch's first sequence, on its trained positions."""
+        # the whole batch goes through the actor: its micro-batching needs the batch's size
+        actor_logprobs = self._compute_old_log_prob(batch)[0].batch["old_log_probs"][0]
+        probe = batch.select_idxs(np.array([0]))
+        attention = probe.batch["attention_mask"][0].bool()
+        token_ids = probe.batch["input_ids"][0][attention].tolist()
+        prompt_len = int(probe.batch["attention_mask"][0, : probe.batch["prompts"].shape[1]].sum())
+        trained = probe.batch["response_mask"][0].bool()
+        actor = actor_logprobs[trained].tolist()
+        gaps = []
+        for replica in self.gateway.gateway.replicas:
+            scores = replica_prompt_logprobs(replica, token_ids)[prompt_len:]
+            replica_scores = [scores[i] for i in torch.nonzero(trained).flatten().tolist()]
+            gaps.append(max_logprob_gap(actor, replica_scores))
+        return {
+            "atropos/weight_sync_max_logprob_gap": max(gaps),
+            "atropos/weight_sync_probe_logprob_mean": float(np.mean(actor)),
+        }
 
     def _maybe_save_checkpoint(self, timing_raw: dict) -> None:
         save_freq = self.config.trainer.save_freq

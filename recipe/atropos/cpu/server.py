@@ -6,6 +6,7 @@ Routes, with vLLM 0.24's request and reply shapes:
   ``return_tokens_as_token_ids``, ``prompt_logprobs``, ``return_token_ids``;
 * ``POST /inference/v1/generate`` - tokens in (``token_ids`` + ``sampling_params``),
   tokens out (``choices[].token_ids`` and per-token logprobs);
+* ``POST /v1/chat/completions`` - the chat template applied to ``messages``;
 * ``POST /tokenize``, ``GET /v1/models``, ``GET /health``, ``GET /is_sleeping``.
 
 While the trainer has the replica asleep (training, then the weight sync) new
@@ -139,12 +140,31 @@ class GenerateRequest(BaseModel):
     sampling_params: SamplingParams = SamplingParams()
 
 
+class ChatRequest(BaseModel):
+    model: str | None = None
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = -1
+    n: int = Field(1, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0)
+    seed: int | None = None
+
+
 class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = True
+
+
+def _chat_prompt(server: PolicyServer, messages: list[dict[str, Any]]) -> list[int]:
+    text = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return server.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _prompts(server: PolicyServer, prompt) -> list[list[int]]:
@@ -218,10 +238,7 @@ def build_app(server: PolicyServer) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest):
         if request.messages is not None:
-            tokens = server.tokenizer.apply_chat_template(
-                request.messages, add_generation_prompt=request.add_generation_prompt, tokenize=True
-            )
-            tokens = list(tokens["input_ids"] if isinstance(tokens, dict) else tokens)
+            tokens = _chat_prompt(server, request.messages)
         elif request.prompt is not None:
             tokens = server.tokenizer(request.prompt, add_special_tokens=request.add_special_tokens)["input_ids"]
         else:
@@ -265,6 +282,45 @@ def build_app(server: PolicyServer) -> FastAPI:
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
             },
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatRequest):
+        prompt_ids = _chat_prompt(server, request.messages)
+        max_tokens = request.max_completion_tokens or request.max_tokens or server.max_model_len - len(prompt_ids)
+        _check_length(server, prompt_ids, max_tokens)
+        samples = await server.generate(
+            prompt_ids,
+            n=request.n,
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=max(request.top_k, 0),
+            logprobs=request.top_logprobs or 0,
+            seed=request.seed,
+        )
+        choices = []
+        for index, s in enumerate(samples):
+            logprobs = None
+            if request.logprobs:
+                content = []
+                for token, logprob, entries in zip(s.token_ids, s.logprobs, s.top_logprobs):
+                    top = [{"token": server.token_text(t, False), "logprob": lp, "bytes": None} for t, lp in entries.items()]
+                    content.append({"token": server.token_text(token, False), "logprob": logprob, "bytes": None,
+                                    "top_logprobs": top[: request.top_logprobs or 0]})
+                logprobs = {"content": content}
+            text = server.tokenizer.decode(s.token_ids, skip_special_tokens=True)
+            choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                            "logprobs": logprobs, "finish_reason": s.finish_reason})
+        completion_tokens = sum(len(s.token_ids) for s in samples)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:16]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": server.served_model_name,
+            "choices": choices,
+            "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
+                      "total_tokens": len(prompt_ids) + completion_tokens},
         }
 
     @app.post("/inference/v1/generate")

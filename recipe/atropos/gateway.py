@@ -1,0 +1,241 @@
+"""The inference gateway: the one address environments use to reach the policy the trainer owns.
+
+Routes:
+
+* ``POST /generate`` - Atropos's tokens-in format (atroposlib's ``server_type: vllm``):
+  ``{"prompt": {"prompt_token_ids": [...]}, "logprobs": 0, "n", "max_tokens", ...}`` ->
+  ``{"logprobs": [[[{token_id: logprob}], ...], ...], "finish_reasons": [...]}``, translated
+  to and from the replicas' native ``POST /inference/v1/generate`` (vLLM 0.24 has no
+  ``/generate`` of Atropos's shape);
+* ``POST /v1/completions`` and ``POST /v1/chat/completions`` - passed through to a replica;
+* ``GET /health`` - 200 only while every replica answers its own ``/health``.
+
+Each request goes to the replica with the fewest requests in flight. While the
+trainer syncs weights it :meth:`Gateway.pause`-s the gateway: new requests wait,
+requests in flight finish, and all of them go on after :meth:`Gateway.resume`
+instead of failing against a sleeping engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from typing import Any
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+
+logger = logging.getLogger(__name__)
+
+# Atropos request keys that are vLLM sampling parameters.
+SAMPLING_KEYS = (
+    "n",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "min_tokens",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "ignore_eos",
+    "skip_special_tokens",
+)
+
+
+def atropos_to_vllm_generate(body: dict[str, Any]) -> dict[str, Any]:
+    """An Atropos ``/generate`` request as a vLLM ``/inference/v1/generate`` request."""
+    prompt = body.get("prompt")
+    token_ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+    if not isinstance(token_ids, list) or not token_ids:
+        raise HTTPException(400, "'prompt' must be {\"prompt_token_ids\": [token ids]} with at least one token")
+    body = dict(body)
+    if "max_new_tokens" in body:
+        body["max_tokens"] = body.pop("max_new_tokens")
+    sampling = {key: body[key] for key in SAMPLING_KEYS if body.get(key) is not None}
+    # Atropos asks for logprobs=0: the sampled token's log-prob, nothing more.
+    sampling["logprobs"] = int(body.get("logprobs") or 0)
+    return {"token_ids": token_ids, "sampling_params": sampling}
+
+
+def vllm_to_atropos_generate(reply: dict[str, Any]) -> dict[str, Any]:
+    """A vLLM ``/inference/v1/generate`` reply in Atropos's ``/generate`` shape."""
+    logprobs, finish_reasons, token_ids = [], [], []
+    for choice in reply["choices"]:
+        content = (choice.get("logprobs") or {}).get("content")
+        if content is None or len(content) != len(choice["token_ids"]):
+            raise ValueError("the replica answered without a log-prob for every generated token")
+        logprobs.append([[{str(token): entry["logprob"]}] for token, entry in zip(choice["token_ids"], content)])
+        finish_reasons.append(choice.get("finish_reason"))
+        token_ids.append(choice["token_ids"])
+    return {"logprobs": logprobs, "finish_reasons": finish_reasons, "token_ids": token_ids}
+
+
+class Gateway:
+    """Routes requests over the replicas; pausable while weights sync."""
+
+    def __init__(self, replica_addresses: list[str], request_timeout: float = 600.0):
+        if not replica_addresses:
+            raise ValueError("the gateway needs at least one inference replica")
+        self.replicas = [a if a.startswith("http") else f"http://{a}" for a in replica_addresses]
+        self.request_timeout = request_timeout
+        self._in_flight = {replica: 0 for replica in self.replicas}
+        self._open = asyncio.Event()
+        self._open.set()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._http: httpx.AsyncClient | None = None
+
+    # -- pause / resume, from the trainer ---------------------------------------------
+
+    async def pause(self) -> None:
+        """Hold new requests and wait until the ones in flight have finished."""
+        self._open.clear()
+        await self._drained.wait()
+
+    async def resume(self) -> None:
+        self._open.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._open.is_set()
+
+    # -- forwarding ---------------------------------------------------------------------
+
+    async def forward(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        await self._open.wait()
+        replica = min(self.replicas, key=self._in_flight.__getitem__)
+        self._in_flight[replica] += 1
+        self._drained.clear()
+        try:
+            response = await self._client().post(f"{replica}{path}", json=body)
+        except httpx.TransportError as exc:
+            raise HTTPException(502, f"replica {replica} did not answer {path}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._in_flight[replica] -= 1
+            if not any(self._in_flight.values()):
+                self._drained.set()
+        if response.status_code != 200:
+            raise HTTPException(response.status_code, f"replica {replica} answered {path}: {response.text[:500]}")
+        return response.json()
+
+    async def replica_health(self) -> dict[str, dict]:
+        """Each replica's own ``/health``: ``{"ok": bool, ...its reply, or "error"}``."""
+
+        async def check(replica: str) -> dict:
+            try:
+                response = await self._client().get(f"{replica}/health", timeout=5)
+            except httpx.TransportError as exc:
+                return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            if response.status_code != 200:
+                return {"ok": False, "error": f"HTTP {response.status_code}"}
+            try:
+                body = response.json()
+            except ValueError:
+                body = {}  # vLLM answers /health with an empty body
+            return {**(body if isinstance(body, dict) else {}), "ok": True}
+
+        results = await asyncio.gather(*[check(replica) for replica in self.replicas])
+        return dict(zip(self.replicas, results))
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=self.request_timeout)
+        return self._http
+
+
+def build_app(gateway: Gateway) -> FastAPI:
+    app = FastAPI(title="atropos-verl inference gateway")
+
+    @app.get("/health")
+    async def health():
+        replicas = await gateway.replica_health()
+        healthy = all(state["ok"] for state in replicas.values())
+        body = {"status": "ok" if healthy else "unavailable", "paused": gateway.paused, "replicas": replicas}
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
+    @app.post("/generate")
+    async def generate(request: Request):
+        vllm_request = atropos_to_vllm_generate(await request.json())
+        reply = await gateway.forward("/inference/v1/generate", vllm_request)
+        try:
+            return vllm_to_atropos_generate(reply)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HTTPException(502, f"unexpected reply from the replica: {exc}") from exc
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await gateway.forward("/v1/completions", await request.json())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await gateway.forward("/v1/chat/completions", await request.json())
+
+    return app
+
+
+class GatewayServer:
+    """Runs the gateway's uvicorn server on its own event loop in a background thread.
+
+    The trainer's loop is synchronous; :meth:`pause` and :meth:`resume` block until
+    the gateway has done so.
+    """
+
+    def __init__(self, replica_addresses: list[str], host: str = "127.0.0.1", port: int = 8000,
+                 request_timeout: float = 600.0):
+        self.host = host
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._sock.bind((host, port))
+        except OSError as exc:
+            raise OSError(
+                f"the inference gateway cannot listen on {host}:{port}: {exc}; "
+                "free the port or set trainer.atropos.gateway_port"
+            ) from exc
+        self.port = self._sock.getsockname()[1]
+        self._replica_addresses = replica_addresses
+        self._request_timeout = request_timeout
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="atropos-gateway", daemon=True)
+        self.gateway: Gateway | None = None
+        self._server: uvicorn.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=60)
+        logger.info("inference gateway on %s over replicas %s", self.url, self._replica_addresses)
+
+    async def _start(self) -> None:
+        self.gateway = Gateway(self._replica_addresses, request_timeout=self._request_timeout)
+        config = uvicorn.Config(build_app(self.gateway), log_level="warning", lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._loop.create_task(self._server.serve(sockets=[self._sock]))
+        while not self._server.started:
+            await asyncio.sleep(0.01)
+
+    def pause(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.gateway.pause(), self._loop).result()
+
+    def resume(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.gateway.resume(), self._loop).result()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0.2), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._sock.close()
