@@ -68,6 +68,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
     def __init__(self, config, tokenizer, role_worker_mapping, resource_pool_manager, **kwargs):
         self.atropos: AtroposConfig = omega_conf_to_dataclass(config.trainer.atropos, AtroposConfig)
         self.gateway: GatewayServer | None = None
+        self._fixed_probe: tuple[list[int], int] | None = None  # see _weight_sync_gap
         super().__init__(config, tokenizer, role_worker_mapping, resource_pool_manager, **kwargs)
 
     def init_workers(self):
@@ -291,23 +292,29 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         )
 
     def _weight_sync_gap(self, batch: DataProto) -> dict:
-        """Actor vs replica log-probs of the batch's first sequence, on its trained positions."""
+        """Actor vs replica log-probs of the batch's first sequence, on its trained positions.
+
+        Also the replicas' mean log-prob of one fixed sequence (the first step's probe):
+        it changes from step to step only if the replicas' weights do.
+        """
         # the whole batch goes through the actor: its micro-batching needs the batch's size
         actor_logprobs = self._compute_old_log_prob(batch)[0].batch["old_log_probs"][0]
         probe = batch.select_idxs(np.array([0]))
-        attention = probe.batch["attention_mask"][0].bool()
-        token_ids = probe.batch["input_ids"][0][attention].tolist()
+        token_ids = probe.batch["input_ids"][0][probe.batch["attention_mask"][0].bool()].tolist()
         prompt_len = int(probe.batch["attention_mask"][0, : probe.batch["prompts"].shape[1]].sum())
-        trained = probe.batch["response_mask"][0].bool()
+        trained = torch.nonzero(probe.batch["response_mask"][0]).flatten().tolist()
         actor = actor_logprobs[trained].tolist()
-        gaps = []
+        if self._fixed_probe is None:
+            self._fixed_probe = (token_ids, prompt_len)
+        gaps, fixed = [], []
         for replica in self.gateway.gateway.replicas:
             scores = replica_prompt_logprobs(replica, token_ids)[prompt_len:]
-            replica_scores = [scores[i] for i in torch.nonzero(trained).flatten().tolist()]
-            gaps.append(max_logprob_gap(actor, replica_scores))
+            gaps.append(max_logprob_gap(actor, [scores[i] for i in trained]))
+            fixed_ids, fixed_prompt_len = self._fixed_probe
+            fixed.append(np.mean(replica_prompt_logprobs(replica, fixed_ids)[fixed_prompt_len:]))
         return {
             "atropos/weight_sync_max_logprob_gap": max(gaps),
-            "atropos/weight_sync_probe_logprob_mean": float(np.mean(actor)),
+            "atropos/weight_sync_fixed_probe_logprob": float(np.mean(fixed)),
         }
 
     def _maybe_save_checkpoint(self, timing_raw: dict) -> None:
