@@ -74,3 +74,37 @@ def trajectory_api(tmp_path):
             process.kill()
             process.wait()
         log.close()
+
+
+class ServedApp:
+    """An ASGI app served by a real uvicorn on a free loopback port, in a background thread."""
+
+    def __init__(self, app):
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from recipe.atropos.models.make_tiny_model import write_tiny_model
+
+    return write_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-qwen2"))

@@ -9,7 +9,6 @@ each in its own process group with its own log file.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,22 +20,6 @@ import httpx
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-METRIC = re.compile(r"([\w/.\-]+):(?:np\.float\d+\()?(-?[\d.]+(?:e[-+]?\d+)?|nan|inf)")
-
-
-def parse_step_metrics(console: str) -> dict[int, dict[str, float]]:
-    """verl's console lines ``step:N - key:value - ...`` as {step: {key: value}}."""
-    steps = {}
-    for line in console.splitlines():
-        at = line.find("step:")
-        if at < 0 or " - " not in line[at:]:
-            continue
-        fields = dict((key, float(value)) for key, value in METRIC.findall(line[at:]))
-        if "step" in fields and any(key.startswith("atropos/") for key in fields):
-            steps[int(fields.pop("step"))] = fields
-    return steps
-
-
 class CPURun:
     def __init__(self, workdir: Path, model_dir: str):
         self.workdir = workdir
