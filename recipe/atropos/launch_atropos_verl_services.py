@@ -52,15 +52,15 @@ def load_config(config_file: Path, overrides: list[str]):
 def env_command(spec, index: int, config, api_url: str, gateway_url: str) -> list[str]:
     """``python -m MODULE serve`` (or an Atropos checkout's script) wired to this run's API and gateway."""
     if spec.get("module"):
-        entry = ["-m", spec.module]
+        entry = ["-m", spec["module"]]
     elif spec.get("script"):
-        script = Path(os.path.expanduser(spec.script))
+        script = Path(os.path.expanduser(spec["script"]))
         if not script.is_absolute():
             base = os.environ.get("ATROPOS_PATH")
             script = Path(base) / script if base else script
         if not script.is_file():
             raise SystemExit(
-                f"services.envs[{index}].script {spec.script}: not found at {script}"
+                f"services.envs[{index}].script {spec['script']}: not found at {script}"
                 + ("" if os.environ.get("ATROPOS_PATH") else "; set ATROPOS_PATH to your Atropos checkout")
             )
         entry = [str(script)]

@@ -170,7 +170,7 @@ def _chat_prompt(server: PolicyServer, messages: list[dict[str, Any]]) -> list[i
 def _prompts(server: PolicyServer, prompt) -> list[list[int]]:
     if isinstance(prompt, str):
         return [server.tokenizer(prompt)["input_ids"]]
-    if prompt and all(isinstance(p, int) for p in prompt):
+    if not prompt or all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     return [server.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompt]
 

@@ -1,0 +1,103 @@
+"""Offline GSM8K data, the environments' scoring rules, and reading metrics back from the console."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from recipe.atropos.console_metrics import parse_step_metrics, summary
+from recipe.atropos.data import prepare_gsm8k
+from recipe.atropos.data.gsm8k_synthetic import make_problems
+from recipe.atropos.envs.gsm8k import extract_answer, score_solution
+from recipe.atropos.envs.gsm8k_answer_credit import answer_start, token_advantages
+
+
+def test_synthetic_problems_are_deterministic_and_correct():
+    problems = make_problems(50, steps=2, seed=3)
+    assert problems == make_problems(50, steps=2, seed=3)
+    assert problems != make_problems(50, steps=2, seed=4)
+    for problem in problems:
+        # replay the worked steps: every <<a op b=c>> is right and the last c is the answer
+        notes = [note.split("=") for note in __import__("re").findall(r"<<([^>]+)>>", problem["answer"])]
+        assert len(notes) == 2
+        for expression, value in notes:
+            assert eval(expression) == int(value)  # noqa: S307 - our own arithmetic
+        assert prepare_gsm8k.final_answer(problem["answer"]) == notes[-1][1]
+
+
+def test_prepare_writes_verl_parquet_from_the_generator(tmp_path):
+    source, n_train, n_test = prepare_gsm8k.prepare("synthetic", str(tmp_path), train_size=20, test_size=5)
+    assert (source, n_train, n_test) == ("synthetic", 20, 5)
+    rows = pq.read_table(tmp_path / "train.parquet").to_pylist()
+    assert len(rows) == 20
+    row = rows[0]
+    assert row["data_source"] == "openai/gsm8k"
+    assert row["prompt"][0]["role"] == "user" and '"####"' in row["prompt"][0]["content"]
+    assert row["reward_model"]["ground_truth"] == prepare_gsm8k.final_answer(row["extra_info"]["answer"])
+
+
+def test_prepare_from_a_local_jsonl(tmp_path):
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": f"work\n#### {i},000"}) for i in range(10)))
+    source, n_train, n_test = prepare_gsm8k.prepare("auto", str(tmp_path / "out"), jsonl=str(path))
+    assert (source, n_train, n_test) == ("jsonl", 9, 1)
+    test_rows = pq.read_table(tmp_path / "out" / "test.parquet").to_pylist()
+    assert test_rows[0]["reward_model"]["ground_truth"] == "9000"
+
+
+def test_a_jsonl_row_without_an_answer_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q2"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        prepare_gsm8k.prepare("jsonl", str(tmp_path / "out"), jsonl=str(path))
+
+
+def test_hub_without_network_falls_back_to_the_generator(tmp_path, monkeypatch):
+    def offline():
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(prepare_gsm8k, "load_hub", offline)
+    source, n_train, _ = prepare_gsm8k.prepare("hub", str(tmp_path), train_size=4, test_size=2)
+    assert (source, n_train) == ("synthetic", 4)
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("3 + 4 = 7\n#### 7", "7"), ("#### 1,234", "1234"), ("#### $12.0", "12"), ("#### -3", "-3"),
+    ("first #### 2 then #### 5", "5"), ("no marker 7", None),
+])
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+def test_score_is_exact_match_of_the_final_number():
+    assert score_solution("so #### 24", "24") == 1.0
+    assert score_solution("so #### 25", "24") == 0.0
+    assert score_solution("24", "24") == 0.0
+
+
+def test_answer_credit_rule():
+    pieces = ["Th", "en", " 4", "\n##", "## ", "7"]
+    assert answer_start(pieces) == 3
+    masks = [-100, -100] + [1] * len(pieces)
+    adv = token_advantages(masks, pieces, score=1.0, group_mean=0.25, has_answer=True,
+                           reasoning_weight=0.5, format_credit=0.1)
+    assert adv[:2] == [0.0, 0.0]
+    assert adv[2:5] == pytest.approx([0.475] * 3)  # 0.5 * 0.75 + 0.1
+    assert adv[5:] == pytest.approx([0.85] * 3)  # 0.75 + 0.1
+    no_answer = token_advantages([-100, 1, 1], ["a", "b"], 0.0, 0.0, False, 0.5, 0.1)
+    assert no_answer == pytest.approx([0.0, -0.1, -0.1])
+
+
+def test_console_metrics_round_trip():
+    console = (
+        "noise\n(TaskRunner pid=1) step:2 - actor/pg_loss:np.float64(-0.5) - atropos/score_mean:0.25 - "
+        "atropos/env/0/score_mean:0.5 - atropos/override_fraction:1.0 - timing_s/step:1.5 - atropos/groups_rejected:0.0\n"
+        "step:3 - global_seqlen/min:10 - nothing atropos here\n"
+    )
+    steps = parse_step_metrics(console)
+    assert list(steps) == [2]
+    assert steps[2]["actor/pg_loss"] == -0.5 and steps[2]["atropos/env/0/score_mean"] == 0.5
+    line = summary(2, steps[2], total_steps=5)
+    assert line == "step 2/5 | score_mean 0.250 | env 0 0.500 | override_fraction 1.00 | rejected 0 | 1.5 s"
