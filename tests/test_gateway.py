@@ -34,6 +34,10 @@ def recorded_vllm_app(delay_s: float = 0.0) -> FastAPI:
     async def health():
         return {}
 
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "/models/smollm2", "object": "model"}]}
+
     @app.post("/inference/v1/generate")
     async def generate(body: dict):
         app.state.requests.append(body)
@@ -86,7 +90,9 @@ def test_atroposlib_vllm_client_through_the_gateway_to_recorded_vllm(tiny_model_
         finally:
             gateway.stop()
     assert (prompt, tokens, logprobs, finish) == ([5, 6, 7], [[2]], [[-0.6830326914787292]], ["stop"])
-    assert app.state.requests == [{"token_ids": [5, 6, 7], "sampling_params": {"n": 1, "max_tokens": 8, "logprobs": 0}}]
+    # the replica's own model name replaces whatever the environment sent
+    assert app.state.requests == [{"token_ids": [5, 6, 7], "model": "/models/smollm2",
+                                   "sampling_params": {"n": 1, "max_tokens": 8, "logprobs": 0}}]
 
 
 @pytest.fixture

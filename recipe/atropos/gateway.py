@@ -93,6 +93,7 @@ class Gateway:
         self._drained = asyncio.Event()
         self._drained.set()
         self._http: httpx.AsyncClient | None = None
+        self._served_model: dict[str, str] = {}
 
     # -- pause / resume, from the trainer ---------------------------------------------
 
@@ -116,6 +117,8 @@ class Gateway:
         self._in_flight[replica] += 1
         self._drained.clear()
         try:
+            # environments name the model as they please; each replica serves exactly one
+            body = {**body, "model": await self._model_of(replica)}
             response = await self._client().post(f"{replica}{path}", json=body)
         except httpx.TransportError as exc:
             raise HTTPException(502, f"replica {replica} did not answer {path}: {type(exc).__name__}: {exc}") from exc
@@ -126,6 +129,13 @@ class Gateway:
         if response.status_code != 200:
             raise HTTPException(response.status_code, f"replica {replica} answered {path}: {response.text[:500]}")
         return response.json()
+
+    async def _model_of(self, replica: str) -> str:
+        if replica not in self._served_model:
+            response = await self._client().get(f"{replica}/v1/models", timeout=30)
+            response.raise_for_status()
+            self._served_model[replica] = response.json()["data"][0]["id"]
+        return self._served_model[replica]
 
     async def replica_health(self) -> dict[str, dict]:
         """Each replica's own ``/health``: ``{"ok": bool, ...its reply, or "error"}``."""
