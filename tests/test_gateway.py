@@ -95,6 +95,21 @@ def test_atroposlib_vllm_client_through_the_gateway_to_recorded_vllm(tiny_model_
                                    "sampling_params": {"n": 1, "max_tokens": 8, "logprobs": 0}}]
 
 
+def test_n_is_honoured_when_vllm_answers_one_choice(tiny_model_dir):
+    # measured on the H100: vLLM 0.24's /inference/v1/generate returns one choice whatever n asks
+    app = recorded_vllm_app()
+    with ServedApp(app) as replica:
+        gateway = GatewayServer([replica.url], port=0)
+        gateway.start()
+        try:
+            reply = httpx.post(f"{gateway.url}/generate", json={
+                "prompt": {"prompt_token_ids": [5, 6]}, "n": 4, "max_tokens": 8, "logprobs": 0}, timeout=30).json()
+        finally:
+            gateway.stop()
+    assert len(reply["logprobs"]) == len(reply["finish_reasons"]) == 4
+    assert [r["sampling_params"]["n"] for r in app.state.requests] == [4, 1, 1, 1]
+
+
 @pytest.fixture
 def cpu_replicas(tiny_model_dir):
     servers = [PolicyServer(tiny_model_dir), PolicyServer(tiny_model_dir)]

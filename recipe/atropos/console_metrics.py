@@ -7,22 +7,22 @@ import re
 _METRIC = re.compile(r"([\w/.\-]+):(?:np\.float\d+\()?(-?[\d.]+(?:e[-+]?\d+)?|nan|inf)")
 
 
-def parse_step_line(line: str) -> tuple[int, dict[str, float]] | None:
-    """``(step, metrics)`` of one console line that carries ``atropos/*`` metrics, else ``None``."""
+def parse_step_line(line: str, require_prefix: str = "atropos/") -> tuple[int, dict[str, float]] | None:
+    """``(step, metrics)`` of one console line with a metric named ``require_prefix...``, else ``None``."""
     at = line.find("step:")
     if at < 0 or " - " not in line[at:]:
         return None
     fields = {key: float(value) for key, value in _METRIC.findall(line[at:])}
-    if "step" not in fields or not any(key.startswith("atropos/") for key in fields):
+    if "step" not in fields or not any(key.startswith(require_prefix) for key in fields):
         return None
     return int(fields.pop("step")), fields
 
 
-def parse_step_metrics(console: str) -> dict[int, dict[str, float]]:
+def parse_step_metrics(console: str, require_prefix: str = "atropos/") -> dict[int, dict[str, float]]:
     """Every step's metrics in a console log, as ``{step: {name: value}}``."""
     steps = {}
     for line in console.splitlines():
-        parsed = parse_step_line(line)
+        parsed = parse_step_line(line, require_prefix)
         if parsed is not None:
             steps[parsed[0]] = parsed[1]
     return steps

@@ -176,6 +176,13 @@ def build_app(gateway: Gateway) -> FastAPI:
     async def generate(request: Request):
         vllm_request = atropos_to_vllm_generate(await request.json())
         reply = await gateway.forward("/inference/v1/generate", vllm_request)
+        # vLLM 0.24's tokens-in route answers one choice whatever n asks: sample the rest one by one
+        wanted = int(vllm_request["sampling_params"].get("n", 1))
+        missing = wanted - len(reply.get("choices") or [])
+        if missing > 0:
+            single = {**vllm_request, "sampling_params": {**vllm_request["sampling_params"], "n": 1}}
+            extra = await asyncio.gather(*[gateway.forward("/inference/v1/generate", single) for _ in range(missing)])
+            reply["choices"] = list(reply["choices"]) + [choice for r in extra for choice in r["choices"]]
         try:
             return vllm_to_atropos_generate(reply)
         except (KeyError, TypeError, ValueError) as exc:
