@@ -108,22 +108,6 @@ class PolicyServer:
         return f"token_id:{token_id}" if as_token_id else self.tokenizer.decode([token_id])
 
 
-class CompletionRequest(BaseModel):
-    model: str | None = None
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int = Field(16, ge=0)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = -1
-    n: int = Field(1, ge=1)
-    logprobs: int | None = Field(None, ge=0)
-    prompt_logprobs: int | None = Field(None, ge=0)
-    return_tokens_as_token_ids: bool = False
-    return_token_ids: bool = False
-    skip_special_tokens: bool = True
-    seed: int | None = None
-
-
 class SamplingParams(BaseModel):
     max_tokens: int = Field(16, ge=0)
     temperature: float = Field(1.0, ge=0)
@@ -132,6 +116,15 @@ class SamplingParams(BaseModel):
     n: int = Field(1, ge=1)
     logprobs: int | None = Field(None, ge=0)
     seed: int | None = None
+
+
+class CompletionRequest(SamplingParams):
+    model: str | None = None
+    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt_logprobs: int | None = Field(None, ge=0)
+    return_tokens_as_token_ids: bool = False
+    return_token_ids: bool = False
+    skip_special_tokens: bool = True
 
 
 class GenerateRequest(BaseModel):
