@@ -212,6 +212,32 @@ def _prompt_logprobs_reply(server: PolicyServer, prompt_ids: list[int], scores: 
     return reply
 
 
+def _content_logprobs(server: PolicyServer, s: Sample, as_token_id: bool, top_k: int | None = None) -> dict:
+    """Per-token log-probs in the ``{"content": [...]}`` shape of chat replies and the tokens-in route."""
+    content = []
+    for token, logprob, entries in zip(s.token_ids, s.logprobs, s.top_logprobs):
+        top = [{"token": server.token_text(t, as_token_id), "logprob": lp, "bytes": None} for t, lp in entries.items()]
+        content.append({"token": server.token_text(token, as_token_id), "logprob": logprob, "bytes": None,
+                        "top_logprobs": top if top_k is None else top[:top_k]})
+    return {"content": content}
+
+
+def _openai_reply(server: PolicyServer, kind: str, id_prefix: str, choices: list, prompt_tokens: int,
+                  completion_tokens: int) -> dict:
+    return {
+        "id": f"{id_prefix}-{uuid.uuid4().hex[:16]}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": server.served_model_name,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
 def build_app(server: PolicyServer) -> FastAPI:
     app = FastAPI(title="atropos-verl CPU inference server")
 
@@ -264,18 +290,7 @@ def build_app(server: PolicyServer) -> FastAPI:
                     }
                 )
         prompt_tokens = sum(len(p) for p in prompts)
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex[:16]}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": server.served_model_name,
-            "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        }
+        return _openai_reply(server, "text_completion", "cmpl", choices, prompt_tokens, completion_tokens)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatRequest):
@@ -294,27 +309,12 @@ def build_app(server: PolicyServer) -> FastAPI:
         )
         choices = []
         for index, s in enumerate(samples):
-            logprobs = None
-            if request.logprobs:
-                content = []
-                for token, logprob, entries in zip(s.token_ids, s.logprobs, s.top_logprobs):
-                    top = [{"token": server.token_text(t, False), "logprob": lp, "bytes": None} for t, lp in entries.items()]
-                    content.append({"token": server.token_text(token, False), "logprob": logprob, "bytes": None,
-                                    "top_logprobs": top[: request.top_logprobs or 0]})
-                logprobs = {"content": content}
+            logprobs = _content_logprobs(server, s, False, request.top_logprobs or 0) if request.logprobs else None
             text = server.tokenizer.decode(s.token_ids, skip_special_tokens=True)
             choices.append({"index": index, "message": {"role": "assistant", "content": text},
                             "logprobs": logprobs, "finish_reason": s.finish_reason})
         completion_tokens = sum(len(s.token_ids) for s in samples)
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:16]}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": server.served_model_name,
-            "choices": choices,
-            "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
-                      "total_tokens": len(prompt_ids) + completion_tokens},
-        }
+        return _openai_reply(server, "chat.completion", "chatcmpl", choices, len(prompt_ids), completion_tokens)
 
     @app.post("/inference/v1/generate")
     async def generate(request: GenerateRequest):
@@ -323,13 +323,7 @@ def build_app(server: PolicyServer) -> FastAPI:
         samples = await server.generate(request.token_ids, **_sampling_kwargs(params))
         choices = []
         for index, s in enumerate(samples):
-            logprobs = None
-            if params.logprobs is not None:
-                content = []
-                for token, logprob, entries in zip(s.token_ids, s.logprobs, s.top_logprobs):
-                    top = [{"token": f"token_id:{t}", "logprob": lp, "bytes": None} for t, lp in entries.items()]
-                    content.append({"token": f"token_id:{token}", "logprob": logprob, "bytes": None, "top_logprobs": top})
-                logprobs = {"content": content}
+            logprobs = None if params.logprobs is None else _content_logprobs(server, s, True)
             choices.append({"index": index, "logprobs": logprobs, "finish_reason": s.finish_reason, "token_ids": s.token_ids})
         return {"request_id": uuid.uuid4().hex[:16], "choices": choices, "prompt_logprobs": None, "kv_transfer_params": None}
 
