@@ -115,12 +115,17 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         with open_dict(self.config):
             self.config.actor_rollout_ref.actor.optim.total_training_steps = steps
 
+    @property
+    def max_token_len(self) -> int:
+        """The longest sequence registered with the API and accepted by the converter."""
+        return self.config.data.max_prompt_length + self.config.data.max_response_length
+
     def registration(self) -> Registration:
         """What the trainer registers with the API: sizes in sequences, and the step it resumed from."""
         trainer, data = self.config.trainer, self.config.data
         return Registration(
             batch_size=data.train_batch_size * self.config.actor_rollout_ref.rollout.n,
-            max_token_len=data.max_prompt_length + data.max_response_length,
+            max_token_len=self.max_token_len,
             num_steps=self.total_training_steps,
             starting_step=self.global_steps,
             checkpoint_dir=str(trainer.default_local_dir),
@@ -133,7 +138,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         return groups_to_dataproto(
             groups,
-            max_token_len=self.config.data.max_prompt_length + self.config.data.max_response_length,
+            max_token_len=self.max_token_len,
             pad_token_id=pad,
             require_advantages=not self.atropos.fallback_to_grpo,
         )

@@ -10,7 +10,6 @@ credit, weights 1:1). Then a killed environment and a Ctrl-C.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
