@@ -73,6 +73,7 @@ ZERO_ADVANTAGE = "atropos_zero_advantage"
 SCORES = "atropos_scores"
 ENV_ID = "env_id"
 OVERRIDES = "atropos_overrides"
+GROUP_INDEX = "atropos_group_index"  # position of the sequence's group in the fetched batch
 NO_ENV_ID = -1
 
 
@@ -143,12 +144,12 @@ def groups_to_dataproto(
         require_advantages: reject groups that carry no ``advantages``
             (``trainer.atropos.fallback_to_grpo=false``).
     """
-    valid: list[_Group] = []
+    valid: list[tuple[int, _Group]] = []
     rejections: list[Rejection] = []
     for index, group in enumerate(groups):
         env_id = group.get("env_id") if isinstance(group, dict) else None
         try:
-            valid.append(_validate_group(group, max_token_len, require_advantages))
+            valid.append((index, _validate_group(group, max_token_len, require_advantages)))
         except _Rejected as exc:
             rejections.append(Rejection(index, env_id, exc.reason, exc.detail))
         except (TypeError, ValueError, OverflowError, AttributeError) as exc:
@@ -300,7 +301,8 @@ def _validate_sequence(
     )
 
 
-def _collate(groups: list[_Group], pad_token_id: int) -> DataProto:
+def _collate(indexed_groups: list[tuple[int, _Group]], pad_token_id: int) -> DataProto:
+    groups = [group for _, group in indexed_groups]
     sequences = [seq for group in groups for seq in group.sequences]
     size = len(sequences)
     prompt_width = max(seq.prompt_len for seq in sequences)
@@ -352,10 +354,11 @@ def _collate(groups: list[_Group], pad_token_id: int) -> DataProto:
     if logprobs is not None:
         tensors["rollout_log_probs"] = torch.from_numpy(logprobs)
 
-    uids, env_ids = [], []
-    for group in groups:
+    uids, env_ids, group_indices = [], [], []
+    for index, group in indexed_groups:
         uid = str(uuid.uuid4())
         uids.extend([uid] * len(group.sequences))
+        group_indices.extend([index] * len(group.sequences))
         env_ids.extend([NO_ENV_ID if group.env_id is None else group.env_id] * len(group.sequences))
     overrides = np.empty(size, dtype=object)
     overrides[:] = [seq.overrides for seq in sequences]
@@ -363,5 +366,6 @@ def _collate(groups: list[_Group], pad_token_id: int) -> DataProto:
         "uid": np.array(uids, dtype=object),
         ENV_ID: np.array(env_ids, dtype=np.int64),
         OVERRIDES: overrides,
+        GROUP_INDEX: np.array(group_indices, dtype=np.int64),
     }
     return DataProto.from_dict(tensors=tensors, non_tensors=non_tensors, meta_info={})

@@ -14,6 +14,10 @@ Each request goes to the replica with the fewest requests in flight. While the
 trainer syncs weights it :meth:`Gateway.pause`-s the gateway: new requests wait,
 requests in flight finish, and all of them go on after :meth:`Gateway.resume`
 instead of failing against a sleeping engine.
+
+``resume`` also names the policy version the replicas now hold, and ``/generate``
+records which version sampled each sequence it returns (:mod:`.policy_versions`):
+the trainer reads it back to measure and bound how stale a batch is.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import httpx
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
+
+from .policy_versions import PolicyVersionLedger
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +88,15 @@ def vllm_to_atropos_generate(reply: dict[str, Any]) -> dict[str, Any]:
 class Gateway:
     """Routes requests over the replicas; pausable while weights sync."""
 
-    def __init__(self, replica_addresses: list[str], request_timeout: float = 600.0):
+    def __init__(self, replica_addresses: list[str], request_timeout: float = 600.0,
+                 ledger: PolicyVersionLedger | None = None):
         if not replica_addresses:
             raise ValueError("the gateway needs at least one inference replica")
         self.replicas = [a if a.startswith("http") else f"http://{a}" for a in replica_addresses]
         self.request_timeout = request_timeout
+        self.ledger = ledger if ledger is not None else PolicyVersionLedger()
+        # the step the replicas' weights were synced after; 0 until the trainer names one
+        self.policy_version = 0
         self._in_flight = {replica: 0 for replica in self.replicas}
         self._open = asyncio.Event()
         self._open.set()
@@ -102,7 +112,10 @@ class Gateway:
         self._open.clear()
         await self._drained.wait()
 
-    async def resume(self) -> None:
+    async def resume(self, policy_version: int | None = None) -> None:
+        """Let requests through again, generated from ``policy_version`` if a new one was synced."""
+        if policy_version is not None:
+            self.policy_version = policy_version
         self._open.set()
 
     @property
@@ -112,7 +125,16 @@ class Gateway:
     # -- forwarding ---------------------------------------------------------------------
 
     async def forward(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return (await self.forward_versioned(path, body))[0]
+
+    async def forward_versioned(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """The replica's reply and the policy version that produced it.
+
+        A pause waits for requests in flight, so a request admitted at version v
+        finishes at version v.
+        """
         await self._open.wait()
+        version = self.policy_version
         replica = min(self.replicas, key=self._in_flight.__getitem__)
         self._in_flight[replica] += 1
         self._drained.clear()
@@ -128,7 +150,7 @@ class Gateway:
                 self._drained.set()
         if response.status_code != 200:
             raise HTTPException(response.status_code, f"replica {replica} answered {path}: {response.text[:500]}")
-        return response.json()
+        return response.json(), version
 
     async def _model_of(self, replica: str) -> str:
         if replica not in self._served_model:
@@ -175,18 +197,26 @@ def build_app(gateway: Gateway) -> FastAPI:
     @app.post("/generate")
     async def generate(request: Request):
         vllm_request = atropos_to_vllm_generate(await request.json())
-        reply = await gateway.forward("/inference/v1/generate", vllm_request)
+        reply, version = await gateway.forward_versioned("/inference/v1/generate", vllm_request)
+        versions = [version] * len(reply.get("choices") or [])
         # vLLM 0.24's tokens-in route answers one choice whatever n asks: sample the rest one by one
         wanted = int(vllm_request["sampling_params"].get("n", 1))
-        missing = wanted - len(reply.get("choices") or [])
+        missing = wanted - len(versions)
         if missing > 0:
             single = {**vllm_request, "sampling_params": {**vllm_request["sampling_params"], "n": 1}}
-            extra = await asyncio.gather(*[gateway.forward("/inference/v1/generate", single) for _ in range(missing)])
-            reply["choices"] = list(reply["choices"]) + [choice for r in extra for choice in r["choices"]]
+            extra = await asyncio.gather(
+                *[gateway.forward_versioned("/inference/v1/generate", single) for _ in range(missing)]
+            )
+            reply["choices"] = list(reply["choices"]) + [choice for r, _ in extra for choice in r["choices"]]
+            versions += [v for r, v in extra for _ in r["choices"]]
         try:
-            return vllm_to_atropos_generate(reply)
+            translated = vllm_to_atropos_generate(reply)
         except (KeyError, TypeError, ValueError) as exc:
             raise HTTPException(502, f"unexpected reply from the replica: {exc}") from exc
+        prompt_ids = list(vllm_request["token_ids"])
+        for output_ids, choice_version in zip(translated["token_ids"], versions):
+            gateway.ledger.record(prompt_ids + list(output_ids), choice_version)
+        return translated
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -207,7 +237,7 @@ class GatewayServer:
     """
 
     def __init__(self, replica_addresses: list[str], host: str = "127.0.0.1", port: int = 8000,
-                 request_timeout: float = 600.0):
+                 request_timeout: float = 600.0, ledger: PolicyVersionLedger | None = None):
         self.host = host
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -221,6 +251,7 @@ class GatewayServer:
         self.port = self._sock.getsockname()[1]
         self._replica_addresses = replica_addresses
         self._request_timeout = request_timeout
+        self.ledger = ledger if ledger is not None else PolicyVersionLedger()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="atropos-gateway", daemon=True)
         self.gateway: Gateway | None = None
@@ -236,7 +267,7 @@ class GatewayServer:
         logger.info("inference gateway on %s over replicas %s", self.url, self._replica_addresses)
 
     async def _start(self) -> None:
-        self.gateway = Gateway(self._replica_addresses, request_timeout=self._request_timeout)
+        self.gateway = Gateway(self._replica_addresses, request_timeout=self._request_timeout, ledger=self.ledger)
         config = uvicorn.Config(build_app(self.gateway), log_level="warning", lifespan="off")
         self._server = uvicorn.Server(config)
         self._loop.create_task(self._server.serve(sockets=[self._sock]))
@@ -246,8 +277,8 @@ class GatewayServer:
     def pause(self) -> None:
         asyncio.run_coroutine_threadsafe(self.gateway.pause(), self._loop).result()
 
-    def resume(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.gateway.resume(), self._loop).result()
+    def resume(self, policy_version: int | None = None) -> None:
+        asyncio.run_coroutine_threadsafe(self.gateway.resume(policy_version), self._loop).result()
 
     def stop(self) -> None:
         if self._server is not None:

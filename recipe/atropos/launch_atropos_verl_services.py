@@ -81,6 +81,10 @@ def env_command(spec, index: int, config, api_url: str, gateway_url: str) -> lis
         "openai.tokenizer_name": model,
         "openai.api_key": "none",
     }
+    max_lag = config.trainer.atropos.max_policy_lag_steps
+    if max_lag >= 0:
+        # queue no more batches than the trainer may still train within the staleness bound
+        args["env.max_batches_offpolicy"] = max_lag + 1
     args.update({key: value for key, value in (spec.get("args") or {}).items()})
     command = [sys.executable, *entry, "serve"]
     for key, value in args.items():

@@ -31,6 +31,34 @@ def check_config(config) -> None:
         )
     if config.trainer.get("use_v1", False):
         raise ValueError("trainer.use_v1=true: RayGRPOAtroposTrainer extends the legacy trainer; set trainer.use_v1=false")
+    if not config.actor_rollout_ref.hybrid_engine:
+        check_standalone_layout(config)
+
+
+def check_standalone_layout(config) -> None:
+    """The disaggregated layout (``actor_rollout_ref.hybrid_engine=false``) needs these settings."""
+    rollout = config.actor_rollout_ref.rollout
+    if rollout.nnodes <= 0 or rollout.n_gpus_per_node <= 0:
+        raise ValueError(
+            f"actor_rollout_ref.hybrid_engine=false runs the replicas on GPUs of their own: set "
+            f"actor_rollout_ref.rollout.nnodes (got {rollout.nnodes}) and actor_rollout_ref.rollout.n_gpus_per_node "
+            f"(got {rollout.n_gpus_per_node}) to how many of them"
+        )
+    if rollout.checkpoint_engine.backend == "naive":
+        raise ValueError(
+            "actor_rollout_ref.hybrid_engine=false: the naive checkpoint engine only reaches replicas in the actor's "
+            "own processes; set actor_rollout_ref.rollout.checkpoint_engine.backend=nccl"
+        )
+    if rollout.free_cache_engine:
+        raise ValueError(
+            "actor_rollout_ref.hybrid_engine=false: standalone replicas never sleep, and verl's weight sync into "
+            "them needs actor_rollout_ref.rollout.free_cache_engine=false"
+        )
+    if config.data.get("val_files"):
+        raise ValueError(
+            "data.val_files is set with actor_rollout_ref.hybrid_engine=false: validation runs only in the "
+            "colocated layout; set data.val_files=null"
+        )
 
 
 class AtroposTaskRunner(BaseTaskRunner):
@@ -38,13 +66,18 @@ class AtroposTaskRunner(BaseTaskRunner):
 
     def add_actor_rollout_worker(self, config):
         actor_rollout_cls, ray_worker_group_cls = super().add_actor_rollout_worker(config)
+        standalone = not config.actor_rollout_ref.hybrid_engine
         if config.trainer.device == "cpu":
-            from .cpu.workers import CPUActorRolloutRefWorker
+            from .cpu.workers import CPUActorRolloutRefWorker, CPUStandaloneRolloutActorWorker
 
-            # same role verl chose (with or without a fused reference policy), CPU-ready worker
-            for role in self.role_worker_mapping:
-                self.role_worker_mapping[role] = ray.remote(CPUActorRolloutRefWorker)
-            actor_rollout_cls = CPUActorRolloutRefWorker
+            actor_rollout_cls = CPUStandaloneRolloutActorWorker if standalone else CPUActorRolloutRefWorker
+        elif standalone:
+            from .actor_worker import StandaloneRolloutActorWorker
+
+            actor_rollout_cls = StandaloneRolloutActorWorker
+        # same role verl chose (with or without a fused reference policy), the worker for this layout
+        for role in self.role_worker_mapping:
+            self.role_worker_mapping[role] = ray.remote(actor_rollout_cls)
         return actor_rollout_cls, ray_worker_group_cls
 
     def run(self, config):

@@ -29,6 +29,12 @@ class AtroposConfig(BaseConfig):
         check_weight_sync: after every weight sync, score one trained sequence on the
             actor and on every replica and log the largest log-prob gap
             (``atropos/weight_sync_max_logprob_gap``); costs one extra forward pass.
+        max_policy_lag_steps: the staleness bound. A group trains only if the weights
+            that generated it are at most this many actor updates behind the actor
+            (``atropos/policy_lag_steps``); older groups are rejected as
+            ``policy_lag_exceeded``. -1: no bound. The launcher also caps each
+            environment's queue (``env.max_batches_offpolicy``) to this plus one batch,
+            so little is generated only to be rejected.
     """
 
     api_url: str = "http://localhost:9001"
@@ -41,6 +47,7 @@ class AtroposConfig(BaseConfig):
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8000
     check_weight_sync: bool = False
+    max_policy_lag_steps: int = 1
 
     @property
     def gateway_url(self) -> str:
@@ -58,6 +65,10 @@ class AtroposConfig(BaseConfig):
             raise ValueError(f"trainer.atropos.max_retries must be >= 0, got {self.max_retries}")
         if not 0 <= self.gateway_port < 65536:
             raise ValueError(f"trainer.atropos.gateway_port must be a port number, got {self.gateway_port}")
+        if self.max_policy_lag_steps < -1:
+            raise ValueError(
+                f"trainer.atropos.max_policy_lag_steps must be >= 0 (or -1 for no bound), got {self.max_policy_lag_steps}"
+            )
         if not 0 < self.backoff_initial_s <= self.backoff_max_s:
             raise ValueError(
                 "trainer.atropos.backoff_initial_s must be > 0 and <= trainer.atropos.backoff_max_s, "

@@ -8,7 +8,11 @@ What differs from verl's own loop, and why:
 * the next batch is fetched and converted in a background thread while the current
   one trains (:mod:`.prefetch`);
 * advantages come from :func:`.advantages.apply_atropos_advantages` (GRPO merged with
-  the environments' token-level advantages) instead of verl's ``compute_advantage``.
+  the environments' token-level advantages) instead of verl's ``compute_advantage``;
+* every group's policy lag is measured and bounded (:mod:`.staleness`);
+* with ``actor_rollout_ref.hybrid_engine=false`` the replicas run standalone on their
+  own GPUs (verl's disaggregated layout): they keep generating while the actor
+  trains, and only the weight sync pauses them.
 
 Everything else is verl's: its workers, ``_compute_old_log_prob``,
 ``_compute_ref_log_prob``, ``_update_actor``, checkpointing, weight sync through
@@ -42,6 +46,7 @@ from .settings import AtroposConfig
 from .sync_check import max_logprob_gap, replica_prompt_logprobs
 from .metrics import atropos_metrics
 from .prefetch import BatchPrefetcher
+from .staleness import bound_policy_lag
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +74,28 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         self.atropos: AtroposConfig = omega_conf_to_dataclass(config.trainer.atropos, AtroposConfig)
         self.gateway: GatewayServer | None = None
         self._fixed_probe: tuple[list[int], int] | None = None  # see _weight_sync_gap
-        super().__init__(config, tokenizer, role_worker_mapping, resource_pool_manager, **kwargs)
+        self.policy_version = 0  # the step the replicas' weights were last synced after
+        self.disaggregated = not config.actor_rollout_ref.hybrid_engine
+        if not self.disaggregated:
+            super().__init__(config, tokenizer, role_worker_mapping, resource_pool_manager, **kwargs)
+            return
+        # verl's legacy constructor asserts the hybrid layout and reads the flag nowhere else
+        # but init_workers, which this class replaces for the standalone layout
+        with open_dict(config):
+            config.actor_rollout_ref.hybrid_engine = True
+        try:
+            super().__init__(config, tokenizer, role_worker_mapping, resource_pool_manager, **kwargs)
+        finally:
+            with open_dict(config):
+                config.actor_rollout_ref.hybrid_engine = False
+        self.hybrid_engine = False
 
     def init_workers(self):
         """verl's workers and inference replicas, then the gateway the environments call."""
-        super().init_workers()
+        if self.disaggregated:
+            self._init_standalone_layout()
+        else:
+            super().init_workers()
         self.gateway = GatewayServer(
             self.llm_server_manager.get_addresses(),
             host=self.atropos.gateway_host,
@@ -81,9 +103,43 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             request_timeout=self.atropos.timeout,
         )
         self.gateway.start()
-        # verl leaves the replicas asleep after start-up; fit() wakes them with the first weight sync
+        # the replicas are asleep (colocated) or hold no trained weights yet (standalone) until
+        # fit() syncs the actor's weights
         self.gateway.pause()
         print(f"inference gateway listening on {self.gateway.url}", flush=True)
+
+    def _init_standalone_layout(self):
+        """The actor (with its reference policy) on the trainer's GPUs, the replicas on their own.
+
+        The actor's pool is ``trainer.nnodes`` x ``trainer.n_gpus_per_node``; verl's
+        ``LLMServerManager`` starts ``rollout.nnodes`` x ``rollout.n_gpus_per_node`` /
+        (tp x dp x pp) standalone replicas in pools of their own, and the checkpoint
+        engine (``rollout.checkpoint_engine.backend``, nccl on GPUs) carries the weights.
+        """
+        from verl.checkpoint_engine import CheckpointEngineManager
+        from verl.single_controller.ray import RayClassWithInitArgs
+        from verl.trainer.ppo.utils import Role
+        from verl.workers.rollout.llm_server import LLMServerManager
+
+        self.resource_pool_manager.create_resource_pool()
+        role = Role.ActorRolloutRef if Role.ActorRolloutRef in self.role_worker_mapping else Role.ActorRollout
+        self.actor_rollout_wg = self.ray_worker_group_cls(
+            resource_pool=self.resource_pool_manager.get_resource_pool(role),
+            ray_cls_with_init=RayClassWithInitArgs(
+                cls=self.role_worker_mapping[role], config=self.config.actor_rollout_ref, role=str(role)
+            ),
+            device_name=self.device_name,
+        )
+        self.actor_rollout_wg.init_model()
+        if self.use_reference_policy:
+            # fused into the actor's workers, as in verl's colocated layout
+            self.ref_policy_wg = self.actor_rollout_wg
+        self.llm_server_manager = LLMServerManager.create(config=self.config)
+        self.checkpoint_manager = CheckpointEngineManager(
+            config=omega_conf_to_dataclass(self.config.actor_rollout_ref.rollout.checkpoint_engine),
+            actor_wg=self.actor_rollout_wg,
+            replicas=self.llm_server_manager.get_replicas(),
+        )
 
     # -- set-up ----------------------------------------------------------------------
 
@@ -154,8 +210,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         )
         self.global_steps = 0
         self._load_checkpoint()
-        self.checkpoint_manager.update_weights(self.global_steps)
-        self.gateway.resume()
+        self._sync_weights()
 
         client = AtroposClient.from_config(self.atropos)
         client.register(self.registration())
@@ -185,7 +240,12 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         with marked_timer("step", timing_raw):
             with marked_timer("gen", timing_raw):
                 prefetched, waited = prefetcher.get()
-            result = prefetched.result
+            # the actor trains from the weights it last synced to the replicas
+            result, lag_metrics = bound_policy_lag(
+                prefetched.result, self.gateway.ledger, self.policy_version, self.atropos.max_policy_lag_steps
+            )
+            for rejection in result.rejections[len(prefetched.result.rejections) :]:
+                logger.warning("%s", rejection)
             if result.data is None:
                 logger.warning("step %d: every group of the batch was rejected; fetching another", self.global_steps)
                 prefetcher.request(1)
@@ -193,10 +253,11 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             if self.global_steps + 1 <= self.total_training_steps:
                 prefetcher.request(1)  # the batch after the next one, fetched while this one trains
             batch = self._prepare_batch(result.data, metrics)
-            with marked_timer("pause_rollout", timing_raw):
-                # environments wait at the gateway while the replicas sleep, train and take new weights
-                self.gateway.pause()
-                self.checkpoint_manager.sleep_replicas()
+            if not self.disaggregated:
+                with marked_timer("pause_rollout", timing_raw):
+                    # environments wait at the gateway while the replicas sleep, train and take new weights
+                    self.gateway.pause()
+                    self.checkpoint_manager.sleep_replicas()
             batch = self._old_log_probs(batch, metrics, timing_raw)
             if self.use_reference_policy:
                 with marked_timer("ref", timing_raw):
@@ -207,24 +268,41 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
                 actor_output = self._update_actor(batch)
             metrics.update(reduce_metrics(actor_output.meta_info["metrics"]))
             self._maybe_save_checkpoint(timing_raw)
-            with marked_timer("update_weights", timing_raw):
-                self.checkpoint_manager.update_weights(self.global_steps)
-                self.gateway.resume()
+            self._sync_weights(timing_raw)
         if self.atropos.check_weight_sync:
             metrics.update(self._weight_sync_gap(batch))
         self._maybe_validate(metrics, timing_raw)
 
         metrics.update(atropos_metrics(result, batch_wait_s=waited))
+        metrics.update(lag_metrics)
         metrics["atropos/fetch_s"] = prefetched.fetch_s
         metrics["atropos/convert_s"] = prefetched.convert_s
         metrics["training/global_step"] = self.global_steps
         metrics.update(compute_data_metrics(batch=batch, use_critic=False))
         metrics.update(compute_timing_metrics(batch=batch, timing_raw=timing_raw))
         n_gpus = self.resource_pool_manager.get_n_gpus()
+        if self.disaggregated:
+            rollout = self.config.actor_rollout_ref.rollout
+            n_gpus += rollout.nnodes * rollout.n_gpus_per_node
         metrics.update(compute_throughout_metrics(batch=batch, timing_raw=timing_raw, n_gpus=n_gpus))
         return metrics
 
     # -- stages ----------------------------------------------------------------------
+
+    def _sync_weights(self, timing_raw: dict | None = None) -> None:
+        """The actor's weights to every replica, then the gateway open at the new policy version.
+
+        Standalone replicas are still generating: the gateway drains them first, so
+        that each sequence comes from one policy version.
+        """
+        timing_raw = {} if timing_raw is None else timing_raw
+        if self.disaggregated:
+            with marked_timer("pause_rollout", timing_raw):
+                self.gateway.pause()
+        with marked_timer("update_weights", timing_raw):
+            self.checkpoint_manager.update_weights(self.global_steps)
+        self.policy_version = self.global_steps
+        self.gateway.resume(self.policy_version)
 
     def _prepare_batch(self, batch: DataProto, metrics: dict) -> DataProto:
         batch = self._pad_to_dp_size(batch)

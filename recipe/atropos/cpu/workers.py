@@ -13,6 +13,8 @@ import os
 import torch.distributed
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
+from ..actor_worker import StandaloneRolloutActorWorker
+
 
 def init_gloo_process_group() -> None:
     if not torch.distributed.is_initialized():
@@ -24,6 +26,14 @@ def init_gloo_process_group() -> None:
 
 
 class CPUActorRolloutRefWorker(ActorRolloutRefWorker):
+    def __init__(self, *args, **kwargs):
+        init_gloo_process_group()
+        super().__init__(*args, **kwargs)
+
+
+class CPUStandaloneRolloutActorWorker(StandaloneRolloutActorWorker):
+    """The disaggregated layout's actor on the CPU platform (see :mod:`..actor_worker`)."""
+
     def __init__(self, *args, **kwargs):
         init_gloo_process_group()
         super().__init__(*args, **kwargs)
