@@ -70,6 +70,8 @@ class CPURun:
                 "--openai.base_url", f"{self.gateway_url}/v1", "--openai.model_name", "model",
                 "--openai.server_type", "vllm", "--openai.api_key", "none",
                 "--openai.tokenizer_name", self.model_dir,
+                # as the launcher sets it for the default staleness bound of one step
+                "--env.max_batches_offpolicy", "2",
             ],
         )
 

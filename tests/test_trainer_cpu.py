@@ -55,7 +55,12 @@ def test_three_steps_through_a_real_environment(cpu_run, assets):
         for name in DESIGN_METRICS:
             assert name in metrics, f"step {step} lacks {name}"
         assert any(name.startswith("atropos/env/") and name.endswith("/score_mean") for name in metrics)
-        assert metrics["atropos/sequences"] == 8 and metrics["atropos/groups"] == 2
+        # two groups a batch; any the staleness bound left out are counted, not lost
+        stale = metrics.get("atropos/rejected/policy_lag_exceeded", 0)
+        assert metrics["atropos/groups"] + stale == 2 and metrics["atropos/sequences"] == 4 * metrics["atropos/groups"]
+        # every sequence came through the gateway, so its policy version is known and within the bound
+        assert metrics["atropos/policy_version_known_fraction"] == 1.0
+        assert 0 <= metrics["atropos/policy_lag_steps"] <= metrics["atropos/policy_lag_steps_max"] <= 1
         # the environment sent token-level advantages for every sequence, and they were used
         assert metrics["atropos/override_fraction"] == 1.0
         # after each sync the replicas score a sequence exactly as the actor does
@@ -145,3 +150,71 @@ def test_resume_from_a_step_2_checkpoint(tmp_path, assets):
         assert httpx.get(f"{second.api_url}/status").json()["current_step"] == 3
     finally:
         second.stop()
+
+
+def gateway_group(gateway_url: str, rng: random.Random) -> dict:
+    """Four answers sampled through the gateway (so it knows their policy version), scored at random."""
+    prompt = [1] + [rng.randrange(3, 250) for _ in range(10)]
+    reply = httpx.post(f"{gateway_url}/generate", json={
+        "prompt": {"prompt_token_ids": prompt}, "n": 4, "max_tokens": 8, "logprobs": 0, "temperature": 1.0},
+        timeout=120).json()
+    answers = reply["token_ids"]
+    return {
+        "tokens": [prompt + a for a in answers],
+        "masks": [[-100] * len(prompt) + a for a in answers],
+        "scores": [rng.random() for _ in answers],
+    }
+
+
+def test_a_group_older_than_the_staleness_bound_is_rejected_and_counted(cpu_run):
+    cpu_run.start_trainer("trainer.total_training_steps=3", "trainer.atropos.max_policy_lag_steps=1")
+    cpu_run.wait_registered()
+    cpu_run.wait_for(lambda: cpu_run.replica_weight_versions() == [1, 1], "first weight sync", 60)
+    rng = random.Random(2)
+    post = lambda groups: httpx.post(f"{cpu_run.api_url}/scored_data_list", json=groups).raise_for_status()  # noqa: E731
+    old = gateway_group(cpu_run.gateway_url, rng)  # sampled by the initial weights (version 0)
+    post([gateway_group(cpu_run.gateway_url, rng) for _ in range(2)])  # step 1, actor at version 0
+    cpu_run.wait_for(lambda: cpu_run.replica_weight_versions() == [2, 2], "weights after step 1", 120)
+    post([gateway_group(cpu_run.gateway_url, rng) for _ in range(2)])  # step 2, actor at version 1
+    cpu_run.wait_for(lambda: cpu_run.replica_weight_versions() == [3, 3], "weights after step 2", 120)
+    post([old, gateway_group(cpu_run.gateway_url, rng)])  # step 3, actor at version 2: `old` is 2 behind
+    assert cpu_run.wait_trainer() == 0, cpu_run.log("trainer")[-4000:]
+
+    steps = parse_step_metrics(cpu_run.log("trainer"))
+    for step in (1, 2):
+        assert steps[step]["atropos/policy_lag_steps"] == 0 and steps[step]["atropos/groups"] == 2
+    assert steps[3]["atropos/groups"] == 1 and steps[3]["atropos/sequences"] == 4
+    assert steps[3]["atropos/rejected/policy_lag_exceeded"] == 1 and steps[3]["atropos/groups_rejected"] == 1
+    assert steps[3]["atropos/policy_lag_steps"] == 0
+    assert "policy_lag_exceeded: generated 2 actor updates ago" in cpu_run.log("trainer")
+
+
+STANDALONE_LAYOUT = [
+    "actor_rollout_ref.hybrid_engine=false",
+    "trainer.n_gpus_per_node=1",
+    "actor_rollout_ref.rollout.nnodes=1",
+    "actor_rollout_ref.rollout.n_gpus_per_node=1",
+    "actor_rollout_ref.rollout.free_cache_engine=false",
+    "actor_rollout_ref.rollout.checkpoint_engine.backend=object_store",
+]
+
+
+def test_disaggregated_layout_trains_while_the_standalone_replica_generates(cpu_run, assets):
+    cpu_run.start_trainer("trainer.total_training_steps=3", "trainer.atropos.check_weight_sync=true", *STANDALONE_LAYOUT)
+    cpu_run.wait_for(lambda: httpx.get(f"{cpu_run.gateway_url}/health").status_code == 200, "gateway", 240)
+    cpu_run.start_env("recipe.atropos.envs.gsm8k_answer_credit", assets["train"])
+    assert cpu_run.wait_trainer() == 0, cpu_run.log("trainer")[-4000:]
+
+    log = cpu_run.log("trainer")
+    assert "rollout_standalone" in log or "init_standalone" in log or "standalone" in log.lower()
+    steps = parse_step_metrics(log)
+    assert sorted(steps) == [1, 2, 3]
+    for step, metrics in steps.items():
+        assert metrics["atropos/policy_version_known_fraction"] == 1.0
+        assert 0 <= metrics["atropos/policy_lag_steps_max"] <= 1
+        # the weights reached the standalone replica through the checkpoint engine
+        assert metrics["atropos/weight_sync_max_logprob_gap"] < 1e-4
+        # the replica was not put to sleep for training: only the weight sync paused it
+        assert "timing_s/update_weights" in metrics
+    fixed_probe = [steps[s]["atropos/weight_sync_fixed_probe_logprob"] for s in (1, 2, 3)]
+    assert len(set(fixed_probe)) == 3, f"the replica's weights did not move: {fixed_probe}"

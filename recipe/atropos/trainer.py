@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import Counter
 
 import numpy as np
 import torch
@@ -75,6 +76,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         self.gateway: GatewayServer | None = None
         self._fixed_probe: tuple[list[int], int] | None = None  # see _weight_sync_gap
         self.policy_version = 0  # the step the replicas' weights were last synced after
+        self._rejected_before = Counter()  # rejections of batches that had no group left to train
         self.disaggregated = not config.actor_rollout_ref.hybrid_engine
         if not self.disaggregated:
             super().__init__(config, tokenizer, role_worker_mapping, resource_pool_manager, **kwargs)
@@ -248,6 +250,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
                 logger.warning("%s", rejection)
             if result.data is None:
                 logger.warning("step %d: every group of the batch was rejected; fetching another", self.global_steps)
+                self._rejected_before.update(result.rejected_by_reason)
                 prefetcher.request(1)
                 return None
             if self.global_steps + 1 <= self.total_training_steps:
@@ -275,6 +278,11 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
 
         metrics.update(atropos_metrics(result, batch_wait_s=waited))
         metrics.update(lag_metrics)
+        # groups of wholly rejected batches are reported with the step that trained next
+        for reason, count in self._rejected_before.items():
+            metrics["atropos/groups_rejected"] += count
+            metrics[f"atropos/rejected/{reason}"] = metrics.get(f"atropos/rejected/{reason}", 0.0) + count
+        self._rejected_before.clear()
         metrics["atropos/fetch_s"] = prefetched.fetch_s
         metrics["atropos/convert_s"] = prefetched.convert_s
         metrics["training/global_step"] = self.global_steps
@@ -305,7 +313,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         self.gateway.resume(self.policy_version)
 
     def _prepare_batch(self, batch: DataProto, metrics: dict) -> DataProto:
-        batch = self._pad_to_dp_size(batch)
+        batch = self._pad_to_registered_size(batch)
         batch.meta_info["temperature"] = self.config.actor_rollout_ref.rollout.temperature
         batch.meta_info["global_steps"] = self.global_steps
         if self.config.trainer.balance_batch:
@@ -314,14 +322,16 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         batch.meta_info["images_seqlens"] = []
         return batch
 
-    def _pad_to_dp_size(self, batch: DataProto) -> DataProto:
-        """Rejected groups can leave a batch that does not split evenly over the actor's DP ranks.
+    def _pad_to_registered_size(self, batch: DataProto) -> DataProto:
+        """Rejected groups can leave a batch smaller than the one verl's settings were checked for.
 
-        Pad with copies whose loss mask is empty, each its own GRPO group, so they
-        change neither the loss nor any real group's mean and std.
+        verl splits a batch over DP ranks, mini-batches and micro-batches assuming
+        ``data.train_batch_size x rollout.n`` sequences (or a multiple), so pad up to
+        that with copies whose loss mask is empty, each its own GRPO group: they change
+        neither the loss nor any real group's mean and std.
         """
-        dp_size = self._get_dp_size(self.actor_rollout_wg, "actor")
-        missing = -len(batch) % dp_size
+        unit = self.config.data.train_batch_size * self.config.actor_rollout_ref.rollout.n
+        missing = -len(batch) % unit
         if missing == 0:
             return batch
         pad = batch.select_idxs(np.arange(missing) % len(batch))
