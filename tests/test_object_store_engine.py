@@ -132,7 +132,7 @@ def test_received_tensors_are_writable_copies():
     async def sync():
         return await asyncio.gather(master.send_weights([("w", weight)]), collect(receiver))
 
-    _, [(name, received)] = asyncio.run(sync())
+    _, [(_, received)] = asyncio.run(sync())
     received.add_(1)  # the receiver owns it: no read-only object-store memory underneath
     assert torch.equal(weight, torch.ones(3, 3))
     master.finalize()
@@ -156,6 +156,26 @@ def test_a_second_sync_gets_a_fresh_mailbox():
         master.finalize()
         receiver.finalize()
     assert names[0] != names[1]
+
+
+def test_the_sender_waits_for_receivers_to_catch_up():
+    master = ObjectStoreCheckpointEngine(bucket_size=BUCKET_SIZE, is_master=True, max_pending_buckets=1)
+    receivers = [ObjectStoreCheckpointEngine(bucket_size=BUCKET_SIZE) for _ in range(2)]
+    connect([master], receivers)
+
+    async def sync():
+        sending = asyncio.create_task(master.send_weights(weights_generator()))
+        await asyncio.sleep(0.5)
+        # five buckets, room for one: without receivers the sender cannot be done
+        assert not sending.done()
+        received = await asyncio.gather(*(collect(r) for r in receivers))
+        await sending
+        return received
+
+    for weights in asyncio.run(sync()):
+        assert_same_weights(weights, model_weights())
+    for engine in [master, *receivers]:
+        engine.finalize()
 
 
 def test_receiving_before_init_process_group_is_refused():

@@ -8,7 +8,10 @@ when ``VERL_USE_EXTERNAL_MODULES=recipe.atropos.cpu``; importing it registers:
   collectives on gloo;
 * verl's FSDP engine for the ``cpu`` device (verl registers it for cuda and npu only);
 * the ``cpu`` rollout (``actor_rollout_ref.rollout.name=cpu``): a transformers model
-  served over HTTP like vLLM's OpenAI server, fed by verl's own weight sync.
+  served over HTTP like vLLM's OpenAI server, fed by verl's own weight sync;
+* the ``object_store`` checkpoint engine
+  (``actor_rollout_ref.rollout.checkpoint_engine.backend=object_store``): the weight
+  sync of verl's disaggregated layout over Ray's object store, where GPUs use nccl.
 
 ``recipe/atropos/config/atropos_grpo_cpu.yaml`` sets all of this up.
 """
@@ -19,6 +22,7 @@ from verl.workers.rollout import base as _rollout_base
 from verl.workers.rollout.replica import RolloutReplicaRegistry
 
 from . import cpu_platform as _cpu_platform  # noqa: F401  (registers the "cpu" platform)
+from . import object_store_engine as _object_store_engine  # noqa: F401  (registers the "object_store" engine)
 
 ROLLOUT_NAME = "cpu"
 

@@ -3,16 +3,17 @@
 * :class:`CPUInferenceServer` - a Ray actor that owns a :class:`~.server.PolicyServer`
   and serves it over HTTP on 127.0.0.1 (uvicorn);
 * :class:`CPURolloutReplica` - verl's ``RolloutReplica`` for it (``rollout.name=cpu``):
-  one server per replica, started where its training workers run;
-* :class:`CPUServerAdapter` - verl's ``BaseRollout`` inside each actor worker. verl's
-  weight sync (``CheckpointEngineManager.update_weights`` -> worker ``update_weights``)
-  hands it the actor's full tensors; the replica's leader rank loads them into the server.
+  one server per replica, started on the node of the replica's workers: the training
+  workers in the hybrid layout, the replica's own checkpoint-engine workers in the
+  disaggregated one (``RolloutReplica.init_standalone``);
+* :class:`CPUServerAdapter` - verl's ``BaseRollout`` inside those workers. verl's weight
+  sync hands it full tensors (the actor's own in the hybrid layout, the checkpoint
+  engine's in the disaggregated one); the replica's leader rank loads them into the server.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import socket
@@ -21,6 +22,7 @@ import ray
 import torch
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutReplica, TokenOutput
+from verl.workers.rollout.utils import ensure_async_iterator
 
 from .server import PolicyServer, build_app
 
@@ -29,6 +31,13 @@ logger = logging.getLogger(__name__)
 
 def server_actor_name(replica_rank: int) -> str:
     return f"atropos_cpu_inference_server_{replica_rank}"
+
+
+def _worker_rank() -> int:
+    """This worker's rank: from its process group if it has one yet, else the ``RANK`` verl's worker group sets."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def _model_path(model_config) -> str:
@@ -84,7 +93,9 @@ class CPUInferenceServer:
     async def weight_version(self) -> int:
         return self.policy.weight_version
 
-    # Cache and profiling calls verl's checkpoint manager makes; a CPU model has no KV cache to free.
+    # Cache, abort and profiling calls of verl's CheckpointEngineManager and replica manager. A CPU
+    # model has no KV cache to free, and nothing needs aborting for a weight sync: loading takes the
+    # model lock, so a request in flight finishes on the old weights and the next one starts on the new.
     async def clear_kv_cache(self):
         pass
 
@@ -111,12 +122,22 @@ class CPUInferenceServer:
 
 
 class CPURolloutReplica(RolloutReplica):
+    """One CPU server per replica, in the hybrid layout (``init_hybrid``) or the disaggregated one
+    (``init_standalone``).
+
+    ``init_standalone`` places the replica's checkpoint-engine workers with ``use_gpu=True``
+    whatever :meth:`rollout_worker_use_gpu` says; on the CPU platform that takes one of Ray's
+    logical ``GPU`` slots per worker (``ray_kwargs.ray_init.num_gpus`` counts training workers
+    and replica workers together).
+    """
+
     def rollout_worker_use_gpu(self) -> bool:
-        return False
+        return False  # read by init_colocated only
 
     async def launch_servers(self):
         options = {"name": server_actor_name(self.replica_rank), "num_cpus": 0, "max_concurrency": self.max_concurrency}
         if self.workers:
+            # next to the replica's workers, whose leader loads weights into it
             node_id = await self.workers[0].__ray_call__.remote(lambda worker: ray.get_runtime_context().get_node_id())
             options["scheduling_strategy"] = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
                 node_id=node_id, soft=False
@@ -129,17 +150,26 @@ class CPURolloutReplica(RolloutReplica):
 
 
 class CPUServerAdapter(BaseRollout):
-    """verl's rollout object inside an actor worker; the leader rank of a replica talks to its server."""
+    """verl's rollout object inside a worker; the leader rank of a replica talks to its server.
 
-    def __init__(self, config, model_config, device_mesh, *args, **kwargs):
+    Built by verl in two places:
+
+    * hybrid layout: in each training worker, without ``replica_rank``; replicas take
+      consecutive blocks of training ranks, so the training rank says which replica;
+    * disaggregated layout: in each checkpoint-engine worker of a standalone replica, with
+      ``replica_rank`` (and ``device_mesh=None``); ``RANK`` counts the replica's own workers.
+    """
+
+    def __init__(self, config, model_config, device_mesh=None, *args, replica_rank: int | None = None, **kwargs):
         super().__init__(config, model_config, device_mesh)
         replica_size = (
             self.config.tensor_model_parallel_size
             * self.config.data_parallel_size
             * self.config.pipeline_model_parallel_size
         )
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        self.replica_rank = rank // replica_size
+        rank = _worker_rank()
+        # verl's own adapters take -1 for "not given"
+        self.replica_rank = rank // replica_size if replica_rank is None or replica_rank < 0 else replica_rank
         self.is_leader_rank = rank % replica_size == 0
         self._server = None
 
@@ -166,15 +196,11 @@ class CPUServerAdapter(BaseRollout):
                 "the CPU backend loads full weights, not LoRA adapters: set actor_rollout_ref.model.lora.merge=true"
             )
         named_tensors = {}
-        # Every rank must walk the generator: gathering an FSDP2 shard into a full tensor is a collective.
-        if inspect.isasyncgen(weights):
-            async for name, tensor in weights:
-                if self.is_leader_rank:
-                    named_tensors[name] = tensor.detach().to("cpu", copy=True)
-        else:
-            for name, tensor in weights:
-                if self.is_leader_rank:
-                    named_tensors[name] = tensor.detach().to("cpu", copy=True)
+        # Every rank must walk the generator: gathering an FSDP2 shard into a full tensor is a collective,
+        # and each checkpoint-engine worker of a standalone replica receives every bucket.
+        async for name, tensor in ensure_async_iterator(weights):
+            if self.is_leader_rank:
+                named_tensors[name] = tensor.detach().to("cpu", copy=True)
         if self.is_leader_rank:
             result = await self.server.update_weights.remote(named_tensors, kwargs.get("global_steps"))
             logger.info("replica %d loaded weights: %s", self.replica_rank, result)
