@@ -49,6 +49,10 @@ def load_config(config_file: Path, overrides: list[str]):
         return compose(config_name=config_file.stem, overrides=overrides)
 
 
+# How many API batches an environment may fill per training step (see env_command).
+ENV_STEPS_PER_TRAINER_STEP = 10
+
+
 def env_command(spec, index: int, config, api_url: str, gateway_url: str) -> list[str]:
     """``python -m MODULE serve`` (or an Atropos checkout's script) wired to this run's API and gateway."""
     if spec.get("module"):
@@ -73,7 +77,10 @@ def env_command(spec, index: int, config, api_url: str, gateway_url: str) -> lis
         "env.tokenizer_name": model,
         "env.group_size": config.actor_rollout_ref.rollout.n,
         "env.max_token_length": config.data.max_prompt_length + config.data.max_response_length,
-        "env.total_steps": config.trainer.total_training_steps,
+        # The API counts every batch it forms, and a batch the trainer rejects (stale, malformed)
+        # does not train: environments that stopped at the trainer's step count would leave it
+        # waiting. They keep going instead, and the launcher stops them when the trainer is done.
+        "env.total_steps": ENV_STEPS_PER_TRAINER_STEP * config.trainer.total_training_steps,
         "env.use_wandb": str(use_wandb).lower(),
         "openai.base_url": f"{gateway_url}/v1",
         "openai.server_type": "vllm",
@@ -218,7 +225,7 @@ class Launcher:
         """A service that stopped when it should not have, with its last log lines."""
         for service in self.services:
             code = service.exit_code()
-            # an environment ends by itself (exit 0) once the API has formed the run's last batch
+            # an environment ends by itself (exit 0) once the API has formed its last batch
             if code is None or (code == 0 and service.name not in ("api", "trainer")):
                 continue
             return f"{service.name} exited with {code}; its last log lines:\n{service.last_lines()}"
