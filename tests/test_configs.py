@@ -62,6 +62,25 @@ def test_unsupported_settings_are_named(override, message):
         check_config(load("atropos_grpo_cpu", [override]))
 
 
+def test_the_disaggregated_config_passes_the_layout_checks():
+    config = load("atropos_grpo_smollm2_disagg_gpu")
+    check_config(config)
+    assert not config.actor_rollout_ref.hybrid_engine
+    assert config.actor_rollout_ref.rollout.checkpoint_engine.backend == "nccl"
+    assert config.algorithm.rollout_correction.rollout_is == "token"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("actor_rollout_ref.rollout.nnodes=0", "actor_rollout_ref.rollout.nnodes"),
+    ("actor_rollout_ref.rollout.checkpoint_engine.backend=naive", "checkpoint_engine.backend=nccl"),
+    ("actor_rollout_ref.rollout.free_cache_engine=true", "free_cache_engine=false"),
+    ("data.val_files=/data/test.parquet", "data.val_files=null"),
+])
+def test_a_misconfigured_disaggregated_layout_is_named(override, message):
+    with pytest.raises(ValueError, match=message):
+        check_config(load("atropos_grpo_smollm2_disagg_gpu", [override]))
+
+
 def test_launcher_wires_envs_to_this_runs_api_gateway_and_sizes(tmp_path):
     launcher = Launcher(CONFIG_DIR / "atropos_grpo_cpu.yaml",
                         ["trainer.atropos.api_url=http://localhost:9555", "trainer.atropos.gateway_port=8555"], tmp_path)
@@ -76,6 +95,9 @@ def test_launcher_wires_envs_to_this_runs_api_gateway_and_sizes(tmp_path):
     assert flags["--env.group_size"] == "4"
     assert flags["--env.max_token_length"] == str(320 + 64)
     assert flags["--env.data_path"].endswith("data/gsm8k/train.parquet")
+    # the queue an environment keeps matches the staleness bound (1), and it outlasts stale batches
+    assert flags["--env.max_batches_offpolicy"] == "2"
+    assert flags["--env.total_steps"] == str(10 * 3)
 
 
 def test_a_stock_env_script_is_found_under_atropos_path(tmp_path, monkeypatch):
