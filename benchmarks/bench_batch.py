@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from recipe.atropos.advantages import apply_atropos_advantages
-from recipe.atropos.batch import groups_to_dataproto
+from recipe.atropos.trainer.advantages import apply_atropos_advantages
+from recipe.atropos.trainer.batch import groups_to_dataproto
 
 
 def synthetic_groups(sequences: int, tokens: int, group_size: int, seed: int = 0) -> list[dict]:

@@ -27,7 +27,7 @@ echo "disaggregated (2 GPUs): rc=$? after $(( $(date +%s) - t0 )) s"
 
 $PY - "$OUT" <<'PY'
 import glob, statistics, sys
-from recipe.atropos.console_metrics import parse_step_metrics
+from recipe.atropos.launcher.console_metrics import parse_step_metrics
 
 medians = {}
 for layout in ("colocated", "disaggregated"):

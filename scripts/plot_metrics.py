@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipe.atropos.console_metrics import parse_step_metrics  # noqa: E402
+from recipe.atropos.launcher.console_metrics import parse_step_metrics  # noqa: E402
 
 
 def median_after(steps: dict[int, dict], key: str, skip: int = 2) -> float:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 
-from recipe.atropos.advantages import FROM_ATROPOS, apply_atropos_advantages, merge_atropos_advantages
-from recipe.atropos.batch import groups_to_dataproto
+from recipe.atropos.trainer.advantages import FROM_ATROPOS, apply_atropos_advantages, merge_atropos_advantages
+from recipe.atropos.trainer.batch import groups_to_dataproto
 
 
 def random_inputs(group_sizes, response_length=7, seed=0):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 
-from recipe.atropos import batch as B
-from recipe.atropos.advantages import apply_atropos_advantages
-from recipe.atropos.client import AtroposBatchTimeout, AtroposClient, Registration
-from recipe.atropos.metrics import atropos_metrics
+from recipe.atropos.trainer import batch as B
+from recipe.atropos.trainer.advantages import apply_atropos_advantages
+from recipe.atropos.trainer.trajectory_client import AtroposBatchTimeout, AtroposClient, Registration
+from recipe.atropos.trainer.metrics import atropos_metrics
 
 GROUP_SIZE = 4
 

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from recipe.atropos.client import (
+from recipe.atropos.trainer.trajectory_client import (
     AtroposBatchTimeout,
     AtroposClient,
     AtroposConnectionError,

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from verl.utils.config import omega_conf_to_dataclass
 
-from recipe.atropos.launch_atropos_verl_services import Launcher, env_command
+from recipe.atropos.launcher.launch import Launcher, env_command
 from recipe.atropos.main_atropos import check_config
 from recipe.atropos.settings import AtroposConfig
 

@@ -48,11 +48,11 @@ def cpu_ray():
     """Ray as atropos_grpo_cpu.yaml starts it (logical GPU slots, the CPU platform in every process)."""
     from verl.plugin.platform import platform_manager
 
-    import recipe.atropos.cpu  # noqa: F401  (the CPU platform, rollout and checkpoint engine, in this process)
+    import recipe.atropos.cpu.register  # noqa: F401  (the CPU platform, rollout and checkpoint engine, in this process)
 
     env_vars = {
         "VERL_PLATFORM": "cpu",
-        "VERL_USE_EXTERNAL_MODULES": "recipe.atropos.cpu",
+        "VERL_USE_EXTERNAL_MODULES": "recipe.atropos.cpu.register",
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
@@ -141,7 +141,7 @@ def test_checkpoint_engine_manager_syncs_weights_into_the_replica(replica, rollo
     from verl.checkpoint_engine.base import CheckpointEngineManager
     from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 
-    from recipe.atropos.sync_check import replica_prompt_logprobs
+    from recipe.atropos.trainer.sync_check import replica_prompt_logprobs
 
     url = f"http://{replica.server_address}"
     assert_close(replica_prompt_logprobs(url, TOKENS), local_prompt_logprobs(tiny_model_dir, 1.0))

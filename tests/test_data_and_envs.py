@@ -7,7 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from recipe.atropos.console_metrics import parse_step_metrics, summary
+from recipe.atropos.launcher.console_metrics import parse_step_metrics, summary
 from recipe.atropos.data import prepare_gsm8k
 from recipe.atropos.data.gsm8k_synthetic import make_problems
 from recipe.atropos.envs.gsm8k import extract_answer, score_solution

@@ -20,7 +20,7 @@ from fastapi import FastAPI
 
 from recipe.atropos.cpu.server import PolicyServer
 from recipe.atropos.cpu.server import build_app as build_cpu_app
-from recipe.atropos.gateway import GatewayServer, atropos_to_vllm_generate, vllm_to_atropos_generate
+from recipe.atropos.gateway.server import GatewayServer, atropos_to_vllm_generate, vllm_to_atropos_generate
 from tests.conftest import ServedApp, free_port
 
 RECORDED = json.loads((Path(__file__).parent / "data" / "vllm_0_24_replies.json").read_text())

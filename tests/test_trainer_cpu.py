@@ -10,8 +10,8 @@ import pytest
 
 from recipe.atropos.data.prepare_gsm8k import prepare
 from recipe.atropos.models.make_tiny_model import write_tiny_model
-from recipe.atropos.sync_check import replica_prompt_logprobs
-from recipe.atropos.console_metrics import parse_step_metrics
+from recipe.atropos.trainer.sync_check import replica_prompt_logprobs
+from recipe.atropos.launcher.console_metrics import parse_step_metrics
 from tests.cpu_run import CPURun
 
 DESIGN_METRICS = [

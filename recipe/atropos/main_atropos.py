@@ -72,7 +72,7 @@ class AtroposTaskRunner(BaseTaskRunner):
 
             actor_rollout_cls = CPUStandaloneRolloutActorWorker if standalone else CPUActorRolloutRefWorker
         elif standalone:
-            from .actor_worker import StandaloneRolloutActorWorker
+            from .trainer.actor_worker import StandaloneRolloutActorWorker
 
             actor_rollout_cls = StandaloneRolloutActorWorker
         # same role verl chose (with or without a fused reference policy), the worker for this layout
@@ -83,7 +83,7 @@ class AtroposTaskRunner(BaseTaskRunner):
     def run(self, config):
         from verl.single_controller.ray import RayWorkerGroup
 
-        from .trainer import RayGRPOAtroposTrainer
+        from .trainer.ray_trainer import RayGRPOAtroposTrainer
 
         print(f"AtroposTaskRunner on {socket.gethostname()}, PID {os.getpid()}")
         OmegaConf.resolve(config)

@@ -41,9 +41,9 @@ from verl.utils.tracking import Tracking
 
 from .advantages import apply_atropos_advantages
 from .batch import groups_to_dataproto
-from .client import AtroposClient, Registration
-from .gateway import GatewayServer
-from .settings import AtroposConfig
+from .trajectory_client import AtroposClient, Registration
+from ..gateway.server import GatewayServer
+from ..settings import AtroposConfig
 from .sync_check import max_logprob_gap, replica_prompt_logprobs
 from .metrics import atropos_metrics
 from .prefetch import BatchPrefetcher

@@ -31,15 +31,12 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-if __package__ in (None, ""):  # run as a script: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
 import httpx
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from recipe.atropos.console_metrics import parse_step_line, summary
-from recipe.atropos.services import Service
+from .console_metrics import parse_step_line, summary
+from .service_process import Service
 
 
 def load_config(config_file: Path, overrides: list[str]):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .batch import ConversionResult
-from .client import AtroposClient
+from .trajectory_client import AtroposClient
 
 logger = logging.getLogger(__name__)
 
