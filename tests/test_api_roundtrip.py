@@ -6,8 +6,8 @@ import pytest
 import torch
 from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 
-from recipe.atropos.trainer import batch as B
 from recipe.atropos.gateway.policy_versions import PolicyVersionLedger
+from recipe.atropos.trainer import batch as B
 from recipe.atropos.trainer.advantages import apply_atropos_advantages
 from recipe.atropos.trainer.batch_pipeline import shape_batch
 from recipe.atropos.trainer.metrics import atropos_metrics
@@ -93,7 +93,9 @@ def test_round_trip_with_two_envs_advantages_masks_and_overrides(registered):
     # ... and verl's GRPO elsewhere.
     math_rows = ~from_tools
     grpo, _ = compute_grpo_outcome_advantage(
-        batch["token_level_scores"][math_rows], batch["response_mask"][math_rows], data.non_tensor_batch["uid"][math_rows.numpy()]
+        batch["token_level_scores"][math_rows],
+        batch["response_mask"][math_rows],
+        data.non_tensor_batch["uid"][math_rows.numpy()],
     )
     torch.testing.assert_close(batch["advantages"][math_rows], grpo)
 

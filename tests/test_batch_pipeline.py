@@ -68,9 +68,9 @@ def test_a_padded_step_counts_only_real_rows_in_its_metrics():
     assert verl_metrics["critic/score/mean"] == pytest.approx(np.mean(real_scores))
     padded = compute_data_metrics(batch=trained, use_critic=False)
     assert padded["critic/score/mean"] == pytest.approx(sum(real_scores) / UNIT)
-    assert verl_metrics["response_length/mean"] == pytest.approx(
-        real_rows(trained).batch["attention_mask"][:, -trained.batch["responses"].shape[1] :].sum(-1).float().mean().item()
-    )
+    response_width = trained.batch["responses"].shape[1]
+    real_lengths = real_rows(trained).batch["attention_mask"][:, -response_width:].sum(-1).float()
+    assert verl_metrics["response_length/mean"] == pytest.approx(real_lengths.mean().item())
 
 
 def test_pad_rows_train_nothing_and_form_groups_of_their_own():

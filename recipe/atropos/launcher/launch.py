@@ -8,13 +8,16 @@ In order, each checked with a real request before the next starts:
 
 1. the Atropos trajectory API (``run-api`` on ``trainer.atropos.api_url``) - ``GET /status``;
 2. the trainer (``python -m recipe.atropos.main_atropos`` with the same YAML and overrides),
-   which brings up the inference replicas and the gateway - ``GET {gateway}/health``; on a
-   GPU this takes minutes (vLLM start-up), so the wait is ``services.startup_timeout_s``
-   and progress is printed;
-3. the environments of ``services.envs`` - each registered with the API.
+   which brings up the inference replicas and the gateway, writes the gateway's address to
+   ``<run dir>/gateway_url`` (with ``trainer.atropos.gateway_port=0``, the port it got) -
+   ``GET {gateway}/health``; on a GPU this takes minutes (vLLM start-up), so the wait is
+   ``services.startup_timeout_s`` and progress is printed;
+3. the environments of ``services.envs``, on that gateway - each registered with the API.
 
-One log per service goes into the run directory. While training runs the launcher
-prints each step's mean environment score and a status line per service. On the
+The launcher reads the same typed config as the trainer (:mod:`recipe.atropos.settings`).
+One log per service goes into the run directory, and the trainer's metrics into
+``<run dir>/metrics.jsonl`` (verl's file tracker). While training runs the launcher
+prints each step's mean environment score from that file and a status line per service. On the
 trainer's normal end, on Ctrl-C, or when any service dies, it stops the processes
 it started (each service is a session of its own: that session and nothing else),
 names a service that died with its last log lines, and exits non-zero on failure.
@@ -33,9 +36,9 @@ from urllib.parse import urlparse
 
 import httpx
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from .console_metrics import parse_step_line, summary
+from ..settings import AtroposConfig, EnvServiceConfig, ServicesConfig, max_token_len
+from .metrics_file import MetricsFollower, summary
 from .service_process import Service
 
 
@@ -50,18 +53,18 @@ def load_config(config_file: Path, overrides: list[str]):
 ENV_STEPS_PER_TRAINER_STEP = 10
 
 
-def env_command(spec, index: int, config, api_url: str, gateway_url: str) -> list[str]:
+def env_command(spec: EnvServiceConfig, index: int, config, atropos: AtroposConfig, gateway_url: str) -> list[str]:
     """``python -m MODULE serve`` (or an Atropos checkout's script) wired to this run's API and gateway."""
-    if spec.get("module"):
-        entry = ["-m", spec["module"]]
-    elif spec.get("script"):
-        script = Path(os.path.expanduser(spec["script"]))
+    if spec.module:
+        entry = ["-m", spec.module]
+    elif spec.script:
+        script = Path(os.path.expanduser(spec.script))
         if not script.is_absolute():
             base = os.environ.get("ATROPOS_PATH")
             script = Path(base) / script if base else script
         if not script.is_file():
             raise SystemExit(
-                f"services.envs[{index}].script {spec['script']}: not found at {script}"
+                f"services.envs[{index}].script {spec.script}: not found at {script}"
                 + ("" if os.environ.get("ATROPOS_PATH") else "; set ATROPOS_PATH to your Atropos checkout")
             )
         entry = [str(script)]
@@ -70,10 +73,10 @@ def env_command(spec, index: int, config, api_url: str, gateway_url: str) -> lis
     model = os.path.expanduser(config.actor_rollout_ref.model.path)
     use_wandb = "wandb" in list(config.trainer.logger)
     args = {
-        "env.rollout_server_url": api_url,
+        "env.rollout_server_url": atropos.api_url.rstrip("/"),
         "env.tokenizer_name": model,
         "env.group_size": config.actor_rollout_ref.rollout.n,
-        "env.max_token_length": config.data.max_prompt_length + config.data.max_response_length,
+        "env.max_token_length": max_token_len(config),
         # The API counts every batch it forms, and a batch the trainer rejects (stale, malformed)
         # does not train: environments that stopped at the trainer's step count would leave it
         # waiting. They keep going instead, and the launcher stops them when the trainer is done.
@@ -85,11 +88,10 @@ def env_command(spec, index: int, config, api_url: str, gateway_url: str) -> lis
         "openai.tokenizer_name": model,
         "openai.api_key": "none",
     }
-    max_lag = config.trainer.atropos.max_policy_lag_steps
-    if max_lag >= 0:
+    if atropos.max_batches_offpolicy is not None:
         # queue no more batches than the trainer may still train within the staleness bound
-        args["env.max_batches_offpolicy"] = max_lag + 1
-    args.update({key: value for key, value in (spec.get("args") or {}).items()})
+        args["env.max_batches_offpolicy"] = atropos.max_batches_offpolicy
+    args.update(spec.args)
     command = [sys.executable, *entry, "serve"]
     for key, value in args.items():
         command += [f"--{key}", str(value)]
@@ -107,28 +109,37 @@ def registered_envs(api_url: str, expected: int) -> int:
     return count
 
 
+def _absolute(path) -> Path:
+    return Path(os.path.expanduser(str(path))).resolve()
+
+
 class Launcher:
     def __init__(self, config_file: Path, overrides: list[str], run_dir: Path | None = None):
         self.config = load_config(config_file, overrides)
-        settings = self.config.get("services") or OmegaConf.create({})
-        self.startup_timeout_s = float(settings.get("startup_timeout_s", 900))
-        self.status_interval_s = float(settings.get("status_interval_s", 30))
-        self.stop_grace_s = float(settings.get("stop_grace_s", 20))
+        try:
+            self.atropos = AtroposConfig.from_run_config(self.config)
+            self.settings = ServicesConfig.from_run_config(self.config)
+        except Exception as exc:  # a typo or a bad value: name it before anything starts
+            raise SystemExit(f"--config {config_file}: {exc}") from exc
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.run_dir = run_dir or Path(os.path.expanduser(settings.get("run_dir", "outputs/services"))) / stamp
-        atropos = self.config.trainer.atropos
-        self.api_url = atropos.api_url.rstrip("/")
-        self.gateway_url = f"http://{atropos.gateway_host}:{atropos.gateway_port}"
+        self.run_dir = run_dir or Path(os.path.expanduser(self.settings.run_dir)) / stamp
+        self.api_url = self.atropos.api_url.rstrip("/")
+        # where the trainer reports its gateway's address and writes its metrics
+        # (absolute: the trainer runs in other working directories, Hydra's and Ray's)
+        self.gateway_url_file = _absolute(self.atropos.gateway_url_file or self.run_dir / "gateway_url")
+        self.metrics_file = _absolute(self.atropos.metrics_file or self.run_dir / "metrics.jsonl")
+        self.gateway_url: str | None = None  # known once the trainer has bound it
         self.total_steps = self.config.trainer.total_training_steps
-        self.services = self._services(config_file, overrides, settings)
+        self.services = self._services(config_file, overrides)
         self._stopping = None
 
-    def _services(self, config_file: Path, overrides: list[str], settings) -> list[Service]:
+    def _services(self, config_file: Path, overrides: list[str]) -> list[Service]:
+        """The API and the trainer; the environments follow once the gateway's address is known."""
         api = urlparse(self.api_url)
         # "localhost" is bound as 127.0.0.1: the API never listens beyond this machine unless configured to
         host = "127.0.0.1" if api.hostname == "localhost" else api.hostname
         port = api.port or 80
-        services = [
+        return [
             Service(
                 "api",
                 [sys.executable, "-m", "atroposlib.cli.run_api", "--host", host, "--port", str(port)],
@@ -140,26 +151,42 @@ class Launcher:
                 [
                     sys.executable, "-m", "recipe.atropos.main_atropos",
                     "--config-path", str(config_file.parent.resolve()), "--config-name", config_file.stem,
-                    *overrides, f"hydra.run.dir={self.run_dir / 'hydra'}",
+                    *overrides,
+                    f"trainer.atropos.gateway_url_file={self.gateway_url_file}",
+                    f"trainer.atropos.metrics_file={self.metrics_file}",
+                    f"hydra.run.dir={self.run_dir / 'hydra'}",
                 ],
                 self.run_dir / "trainer.log",
-                ready=lambda: httpx.get(f"{self.gateway_url}/health", timeout=5).status_code == 200,
+                ready=self._gateway_answers,
                 # the trainer is Ray's driver: SIGINT lets it shut its Ray cluster down
                 stop_signal=signal.SIGINT,
             ),
         ]
-        for index, spec in enumerate(settings.get("envs") or []):
-            name = spec.get("name") or (spec.get("module") or spec.get("script")).rsplit(".", 1)[-1].rsplit("/", 1)[-1]
-            for copy in range(int(spec.get("count", 1))):
-                command = env_command(spec, index, self.config, self.api_url, self.gateway_url)
-                services.append(Service(f"{name}_{copy}", command, self.run_dir / f"{name}_{copy}.log"))
+
+    def env_services(self, gateway_url: str) -> list[Service]:
+        """One service per copy of each ``services.envs`` entry, wired to this run's API and ``gateway_url``."""
+        services = []
+        for index, spec in enumerate(self.settings.envs):
+            command = env_command(spec, index, self.config, self.atropos, gateway_url)
+            for copy in range(spec.count):
+                name = f"{spec.service_name}_{copy}"
+                services.append(Service(name, command, self.run_dir / f"{name}.log"))
         return services
+
+    def _gateway_answers(self) -> bool:
+        """The trainer has reported its gateway's address and the gateway answers there."""
+        if self.gateway_url is None:
+            if not self.gateway_url_file.is_file():
+                return False
+            self.gateway_url = self.gateway_url_file.read_text().strip()
+        return httpx.get(f"{self.gateway_url}/health", timeout=5).status_code == 200
 
     # -- running ---------------------------------------------------------------------
 
     def dry_run(self) -> None:
         print(f"run directory: {self.run_dir}")
-        for service in self.services:
+        # with gateway_port 0 the port is the trainer's to pick: shown as 0 here
+        for service in self.services + self.env_services(self.atropos.gateway_url):
             print(f"[{service.name}] {shlex.join(service.command)}")
 
     def run(self) -> int:
@@ -184,14 +211,19 @@ class Launcher:
         self._stopping = signum
 
     def _start_all(self) -> str | None:
-        envs = [s for s in self.services if s.name not in ("api", "trainer")]
-        for service in self.services:
+        self.gateway_url_file.unlink(missing_ok=True)  # an address left by an earlier run is no answer
+        for service in list(self.services):
             print(f"[launcher] starting {service.name}: {shlex.join(service.command)}", flush=True)
             service.start()
-            if service.name in ("api", "trainer"):
-                failure = self._wait_ready(service.name, service.is_ready)
-                if failure:
-                    return failure
+            failure = self._wait_ready(service.name, service.is_ready)
+            if failure:
+                return failure
+        print(f"[launcher] the trainer's gateway is {self.gateway_url}", flush=True)
+        envs = self.env_services(self.gateway_url)
+        for service in envs:
+            print(f"[launcher] starting {service.name}: {shlex.join(service.command)}", flush=True)
+            self.services.append(service)
+            service.start()
         if envs:
             return self._wait_ready(
                 f"{len(envs)} environment(s) registered with the API",
@@ -209,8 +241,8 @@ class Launcher:
             if dead:
                 return dead
             now = time.monotonic()
-            if now - started > self.startup_timeout_s:
-                return f"{what} not ready after {self.startup_timeout_s:.0f} s (services.startup_timeout_s)"
+            if now - started > self.settings.startup_timeout_s:
+                return f"{what} not ready after {self.settings.startup_timeout_s:.0f} s (services.startup_timeout_s)"
             if now - last_note >= 15:
                 print(f"[launcher] waiting for {what}: {now - started:.0f} s", flush=True)
                 last_note = now
@@ -230,37 +262,27 @@ class Launcher:
 
     def _watch(self) -> str | None:
         trainer = next(s for s in self.services if s.name == "trainer")
-        read_at, last_status = 0, time.monotonic()
+        steps, last_status = MetricsFollower(self.metrics_file), time.monotonic()
         while self._stopping is None:
-            read_at = self._echo_steps(trainer, read_at)
+            self._echo_steps(steps)
             code = trainer.exit_code()
             if code is not None:
-                self._echo_steps(trainer, read_at)
+                self._echo_steps(steps)
                 if code == 0:
                     return None
                 return f"trainer exited with {code}; its last log lines:\n{trainer.last_lines(40)}"
             dead = self._dead_service()
             if dead:
                 return dead
-            if time.monotonic() - last_status >= self.status_interval_s:
+            if time.monotonic() - last_status >= self.settings.status_interval_s:
                 print(self._status_line(), flush=True)
                 last_status = time.monotonic()
             time.sleep(0.5)
         return None
 
-    def _echo_steps(self, trainer: Service, read_at: int) -> int:
-        try:
-            with open(trainer.log_path, errors="replace") as log:
-                log.seek(read_at)
-                chunk = log.read()
-        except FileNotFoundError:
-            return read_at
-        complete = chunk.rfind("\n") + 1
-        for line in chunk[:complete].splitlines():
-            parsed = parse_step_line(line)
-            if parsed is not None:
-                print(f"[trainer] {summary(*parsed, total_steps=self.total_steps)}", flush=True)
-        return read_at + len(chunk[:complete].encode(errors="replace"))
+    def _echo_steps(self, steps: MetricsFollower) -> None:
+        for step, metrics in sorted(steps.new_steps().items()):
+            print(f"[trainer] {summary(step, metrics, total_steps=self.total_steps)}", flush=True)
 
     def _status_line(self) -> str:
         parts = []
@@ -271,13 +293,14 @@ class Launcher:
             parts.append(f"api: no answer ({type(exc).__name__})")
         for service in self.services[1:]:
             code = service.exit_code()
-            parts.append(f"{service.name}: {'running' if code is None else 'finished' if code == 0 else f'exited {code}'}")
+            state = "running" if code is None else "finished" if code == 0 else f"exited {code}"
+            parts.append(f"{service.name}: {state}")
         return "[status] " + " | ".join(parts)
 
     def _stop_all(self) -> None:
         for service in reversed(self.services):
             if service.process is not None:
-                service.stop(self.stop_grace_s)
+                service.stop(self.settings.stop_grace_s)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,8 @@ its checkpoint-engine manager, metrics and trackers.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,7 +41,7 @@ from verl.utils.metric import reduce_metrics
 from verl.utils.tracking import Tracking
 
 from ..gateway.server import GatewayServer
-from ..settings import AtroposConfig
+from ..settings import AtroposConfig, max_token_len, registered_batch_size
 from .advantages import apply_atropos_advantages
 from .batch_pipeline import IS_PAD, ShapedBatch, convert_groups, shape_batch
 from .metrics import atropos_metrics, data_metrics
@@ -70,7 +72,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
     """GRPO on batches from the Atropos trajectory API; see the module docstring."""
 
     def __init__(self, config, tokenizer, role_worker_mapping, resource_pool_manager, **kwargs):
-        self.atropos: AtroposConfig = omega_conf_to_dataclass(config.trainer.atropos, AtroposConfig)
+        self.atropos = AtroposConfig.from_run_config(config)
         self.gateway: GatewayServer | None = None
         self._fixed_probe: tuple[list[int], int] | None = None  # see _weight_sync_gap
         self.policy_version = 0  # the step the replicas' weights were last synced after
@@ -107,6 +109,13 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         # fit() syncs the actor's weights
         self.gateway.pause()
         print(f"inference gateway listening on {self.gateway.url}", flush=True)
+        if self.atropos.gateway_url_file:
+            # written whole, then renamed: a reader never sees half an address
+            target = Path(os.path.expanduser(self.atropos.gateway_url_file))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".partial")
+            partial.write_text(self.gateway.url + "\n")
+            partial.replace(target)
 
     def _init_standalone_layout(self):
         """The actor (with its reference policy) on the trainer's GPUs, the replicas on their own.
@@ -154,7 +163,9 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         self.train_dataset = None
         self.train_dataloader = _NoTrainData(steps)
         if val_dataset is None and self.config.data.get("val_files"):
-            val_dataset = create_rl_dataset(self.config.data.val_files, self.config.data, self.tokenizer, self.processor)
+            val_dataset = create_rl_dataset(
+                self.config.data.val_files, self.config.data, self.tokenizer, self.processor
+            )
         self.val_dataset = val_dataset
         self.val_dataloader = None
         if val_dataset is not None:
@@ -174,16 +185,16 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
     @property
     def max_token_len(self) -> int:
         """The longest sequence registered with the API and accepted by the converter."""
-        return self.config.data.max_prompt_length + self.config.data.max_response_length
+        return max_token_len(self.config)
 
     @property
     def registered_batch_size(self) -> int:
         """Sequences per step, as registered with the API; a trained batch is a multiple of it."""
-        return self.config.data.train_batch_size * self.config.actor_rollout_ref.rollout.n
+        return registered_batch_size(self.config)
 
     def registration(self) -> Registration:
         """What the trainer registers with the API: sizes in sequences, and the step it resumed from."""
-        trainer, data = self.config.trainer, self.config.data
+        trainer = self.config.trainer
         return Registration(
             batch_size=self.registered_batch_size,
             max_token_len=self.max_token_len,
@@ -206,13 +217,25 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
 
     # -- the loop --------------------------------------------------------------------
 
-    def fit(self):
-        tracker = Tracking(
+    def _tracker(self) -> Tracking:
+        """verl's trackers of ``trainer.logger``, plus its file tracker on ``trainer.atropos.metrics_file``."""
+        backends = list(self.config.trainer.logger)
+        if self.atropos.metrics_file:
+            path = Path(os.path.expanduser(self.atropos.metrics_file))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # verl's FileLogger takes its path from this variable only
+            os.environ["VERL_FILE_LOGGER_PATH"] = str(path)
+            if "file" not in backends:
+                backends.append("file")
+        return Tracking(
             project_name=self.config.trainer.project_name,
             experiment_name=self.config.trainer.experiment_name,
-            default_backend=self.config.trainer.logger,
+            default_backend=backends,
             config=OmegaConf.to_container(self.config, resolve=True),
         )
+
+    def fit(self):
+        tracker = self._tracker()
         self.global_steps = 0
         self._load_checkpoint()
         self._sync_weights()
@@ -359,7 +382,8 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         else:
             batch.batch["token_level_rewards"] = batch.batch["token_level_scores"]
         rollout_corr = algorithm.get("rollout_correction", None)
-        if rollout_corr is not None and "rollout_log_probs" in batch.batch.keys() and not rollout_corr.get("bypass_mode"):
+        has_rollout_log_probs = "rollout_log_probs" in batch.batch.keys()
+        if rollout_corr is not None and has_rollout_log_probs and not rollout_corr.get("bypass_mode"):
             from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch
 
             batch, is_metrics = compute_rollout_correction_and_add_to_batch(batch, rollout_corr)
