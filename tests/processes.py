@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from recipe.atropos.launcher.service_process import Service
+from recipe.atropos.launcher.service_process import Service, answers
 
 
 def free_port() -> int:
@@ -24,9 +24,8 @@ def free_port() -> int:
 
 def wait_until(ready: Callable[[], bool], what: str, timeout: float, watch: Iterable[Service] = ()) -> None:
     """Poll ``ready`` (a connection error counts as not yet); fail naming any watched service that died."""
-    probe = Service("probe", [], Path("/dev/null"), ready=ready)
     deadline = time.monotonic() + timeout
-    while not probe.is_ready():
+    while not answers(ready):
         for service in watch:
             code = service.exit_code()
             if code is not None:
