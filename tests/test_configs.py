@@ -127,6 +127,13 @@ def test_the_services_config_is_typed_and_its_defaults_live_in_one_place():
     assert (services.run_dir, services.status_interval_s, services.stop_grace_s) == ("outputs/services", 30, 20)
     assert [(env.service_name, env.count) for env in services.envs] == [("gsm8k", 1), ("gsm8k_answer_credit", 1)]
     assert services.envs[0].args["env.data_path"].endswith("data/gsm8k/train.parquet")  # interpolation resolved
+    # the shared YAML states the dataclass's defaults, so plain overrides of every key work
+    shared = ServicesConfig.from_run_config(load("atropos_grpo_cpu", ["services.startup_timeout_s=900"]))
+    assert (shared.run_dir, shared.startup_timeout_s, shared.status_interval_s, shared.stop_grace_s) == (
+        ServicesConfig.run_dir, ServicesConfig.startup_timeout_s, ServicesConfig.status_interval_s,
+        ServicesConfig.stop_grace_s)
+    faster = ServicesConfig.from_run_config(load("atropos_grpo_cpu", ["services.status_interval_s=5"]))
+    assert faster.status_interval_s == 5
     gpu = ServicesConfig.from_run_config(load("atropos_grpo_smollm2_gpu"))
     assert (gpu.startup_timeout_s, gpu.status_interval_s, gpu.stop_grace_s) == (1200, 60, 30)
     assert [env.module for env in gpu.envs] == [env.module for env in services.envs]
@@ -134,7 +141,7 @@ def test_the_services_config_is_typed_and_its_defaults_live_in_one_place():
 
 @pytest.mark.parametrize("override, message", [
     ("+services.startup_timeout=5", "startup_timeout"),
-    ("+services.stop_grace_s=soon", "stop_grace_s"),
+    ("services.stop_grace_s=soon", "stop_grace_s"),
     ("+services.envs.0.script=x.py", "exactly one of 'module' or 'script'"),
 ])
 def test_a_bad_services_key_fails_at_start_up_naming_it(override, message, tmp_path):

@@ -15,6 +15,9 @@ from verl.checkpoint_engine.base import CheckpointEngineRegistry
 from verl.single_controller.base import Worker
 from verl.single_controller.base.decorator import Dispatch, register
 
+# a Ray cluster and a served replica: a minute or more on 2 cores
+pytestmark = pytest.mark.slow
+
 TOKENS = [1, 87, 85, 71, 72, 90, 12, 40]
 
 
@@ -48,7 +51,9 @@ def cpu_ray():
     """Ray as atropos_grpo_cpu.yaml starts it (logical GPU slots, the CPU platform in every process)."""
     from verl.plugin.platform import platform_manager
 
-    import recipe.atropos.cpu.register  # noqa: F401  (the CPU platform, rollout and checkpoint engine, in this process)
+    from recipe.atropos.cpu.register import register
+
+    register()  # the CPU platform, rollout and checkpoint engine, in this process
 
     env_vars = {
         "VERL_PLATFORM": "cpu",

@@ -2,7 +2,9 @@
 
 GPU runs use vLLM; this backend lets the same trainer run where there is no GPU.
 verl imports this package in every process (driver, Ray workers, server actors)
-when ``VERL_USE_EXTERNAL_MODULES=recipe.atropos.cpu.register``; importing it registers:
+when ``VERL_USE_EXTERNAL_MODULES=recipe.atropos.cpu.register``, and that variable can
+only name a module to import: registering is this module's one job, so importing it
+calls :func:`register`, which registers:
 
 * the ``cpu`` platform (select it with ``VERL_PLATFORM=cpu``): tensors on the CPU,
   collectives on gloo;
@@ -18,13 +20,17 @@ when ``VERL_USE_EXTERNAL_MODULES=recipe.atropos.cpu.register``; importing it reg
 
 from __future__ import annotations
 
+from verl.checkpoint_engine.base import CheckpointEngineRegistry
+from verl.plugin.platform import PlatformRegistry
 from verl.workers.rollout import base as _rollout_base
 from verl.workers.rollout.replica import RolloutReplicaRegistry
 
-from . import cpu_platform as _cpu_platform  # noqa: F401  (registers the "cpu" platform)
-from . import object_store_engine as _object_store_engine  # noqa: F401  (registers the "object_store" engine)
+from .cpu_platform import PlatformCPU
+from .object_store_engine import BACKEND as OBJECT_STORE_BACKEND
+from .object_store_engine import ObjectStoreCheckpointEngine
 
 ROLLOUT_NAME = "cpu"
+PLATFORM_NAME = "cpu"
 
 
 def _load_replica():
@@ -44,7 +50,15 @@ def _register_engine() -> None:
         )
 
 
-RolloutReplicaRegistry.register(ROLLOUT_NAME, _load_replica)
-# verl 0.9.1 has no register function for the in-worker rollout class, only this table.
-_rollout_base._ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = "recipe.atropos.cpu.replica.CPUServerAdapter"
-_register_engine()
+def register() -> None:
+    """Register the CPU platform, FSDP engine, rollout and checkpoint engine with verl (idempotent)."""
+    PlatformRegistry.register(platform=PLATFORM_NAME)(PlatformCPU)
+    # also registered by its own module, which verl's checkpoint_engine.custom_backend_module imports alone
+    CheckpointEngineRegistry.register(OBJECT_STORE_BACKEND)(ObjectStoreCheckpointEngine)
+    RolloutReplicaRegistry.register(ROLLOUT_NAME, _load_replica)
+    # verl 0.9.1 has no register function for the in-worker rollout class, only this table.
+    _rollout_base._ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = "recipe.atropos.cpu.replica.CPUServerAdapter"
+    _register_engine()
+
+
+register()
