@@ -216,7 +216,7 @@ class Launcher:
             print(f"[launcher] starting {service.name}: {shlex.join(service.command)}", flush=True)
             service.start()
             failure = self._wait_ready(service.name, service.is_ready)
-            if failure:
+            if failure or self._stopping is not None:
                 return failure
         print(f"[launcher] the trainer's gateway is {self.gateway_url}", flush=True)
         envs = self.env_services(self.gateway_url)
