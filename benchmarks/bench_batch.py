@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from recipe.atropos.advantages import apply_atropos_advantages
-from recipe.atropos.batch import groups_to_dataproto
+from recipe.atropos.trainer.advantages import apply_atropos_advantages
+from recipe.atropos.trainer.batch import groups_to_dataproto
 
 
 def synthetic_groups(sequences: int, tokens: int, group_size: int, seed: int = 0) -> list[dict]:
@@ -65,9 +65,14 @@ def main() -> None:
         seconds.append(time.perf_counter() - started)
         assert not result.rejections, result.rejections[0]
     best, median = min(seconds), statistics.median(seconds)
-    print(f"batch: {args.sequences} sequences x {args.tokens} tokens, groups of {args.group_size}, half with advantages")
+    print(
+        f"batch: {args.sequences} sequences x {args.tokens} tokens, groups of {args.group_size}, half with advantages"
+    )
     print(f"convert+merge: median {median * 1e3:.1f} ms, best {best * 1e3:.1f} ms over {args.repeats} runs")
-    print(f"throughput: {total_tokens / median:,.0f} tokens/s (median), {total_tokens / best:,.0f} tokens/s (best), 1 thread")
+    print(
+        f"throughput: {total_tokens / median:,.0f} tokens/s (median), "
+        f"{total_tokens / best:,.0f} tokens/s (best), 1 thread"
+    )
 
 
 if __name__ == "__main__":

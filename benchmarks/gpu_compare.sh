@@ -5,7 +5,9 @@
 #
 #   bash benchmarks/gpu_compare.sh OUT_DIR MODEL_DIR DATA_DIR [STEPS]
 #
-# OUT_DIR gets ours/ (a log per service), native.log, and gpumem_{ours,native}.csv.
+# OUT_DIR gets ours/ (a log per service, metrics.jsonl), native.log, native_metrics.jsonl and
+# gpumem_{ours,native}.csv; plot with
+#   python scripts/plot_metrics.py --ours OUT_DIR/ours/metrics.jsonl --native OUT_DIR/native_metrics.jsonl
 set -u
 OUT=${1:?out dir}; MODEL=${2:?model dir}; DATA=${3:?data dir with train/test.parquet}; STEPS=${4:-40}
 PY=${PYTHON:-python3}
@@ -23,7 +25,7 @@ echo "ours: rc=$? after $(( $(date +%s) - t0 )) s, peak GPU memory $(peak "$OUT/
 kill "$SMI" 2>/dev/null
 
 SMI=$(memlog "$OUT/gpumem_native.csv"); t0=$(date +%s)
-$PY -m verl.trainer.main_ppo \
+VERL_FILE_LOGGER_PATH="$OUT/native_metrics.jsonl" $PY -m verl.trainer.main_ppo \
   algorithm.adv_estimator=grpo algorithm.use_kl_in_reward=False \
   data.train_files="$DATA/train.parquet" data.val_files="$DATA/test.parquet" \
   data.train_batch_size=8 data.max_prompt_length=256 data.max_response_length=256 \
@@ -36,7 +38,7 @@ $PY -m verl.trainer.main_ppo \
   actor_rollout_ref.rollout.gpu_memory_utilization=0.3 actor_rollout_ref.rollout.n=4 \
   actor_rollout_ref.rollout.enforce_eager=True actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4 \
   actor_rollout_ref.rollout.agent.num_workers=2 actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=4 \
-  reward.num_workers=2 trainer.logger='["console"]' trainer.val_before_train=False trainer.test_freq=-1 \
+  reward.num_workers=2 trainer.logger='["console","file"]' trainer.val_before_train=False trainer.test_freq=-1 \
   trainer.save_freq=-1 trainer.n_gpus_per_node=1 trainer.nnodes=1 trainer.total_epochs=1 \
   trainer.total_training_steps="$STEPS" trainer.use_v1=False +ray_kwargs.ray_init.include_dashboard=False \
   > "$OUT/native.log" 2>&1

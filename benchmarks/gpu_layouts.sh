@@ -27,16 +27,16 @@ echo "disaggregated (2 GPUs): rc=$? after $(( $(date +%s) - t0 )) s"
 
 $PY - "$OUT" <<'PY'
 import glob, statistics, sys
-from recipe.atropos.console_metrics import parse_step_metrics
+from recipe.atropos.launcher.metrics_file import read_step_metrics
 
 medians = {}
 for layout in ("colocated", "disaggregated"):
-    logs = glob.glob(f"{sys.argv[1]}/{layout}/trainer.log")
-    steps = parse_step_metrics(open(logs[0]).read()) if logs else {}
+    files = glob.glob(f"{sys.argv[1]}/{layout}/metrics.jsonl")
+    steps = read_step_metrics(files[0]) if files else {}
     times = [m["timing_s/step"] for s, m in sorted(steps.items()) if s >= 3 and "timing_s/step" in m]
     lags = [m.get("atropos/policy_lag_steps", float("nan")) for m in steps.values()]
     if not times:
-        print(f"{layout}: no step lines found")
+        print(f"{layout}: no step metrics found")
         continue
     medians[layout] = statistics.median(times)
     print(f"{layout}: {len(steps)} steps, median step {medians[layout]:.2f} s (steps 3-{max(steps)}), "

@@ -1,7 +1,11 @@
-"""Per-step figures of a run from its console log: a PNG of the mean environment score and
+"""Per-step figures of a run from its metrics file: a PNG of the mean environment score and
 ``atropos/override_fraction``, and the step-time table against verl's own GRPO.
 
-    python scripts/plot_metrics.py --ours RUN/trainer.log --native native.log --png docs/results_smollm2.png
+    python scripts/plot_metrics.py --ours RUN/metrics.jsonl --native native_metrics.jsonl --png docs/results_smollm2.png
+
+Both files are verl's file-tracker JSONL: the launcher writes ``<run dir>/metrics.jsonl``;
+verl's own run writes one with ``trainer.logger='["console","file"]'`` and
+``VERL_FILE_LOGGER_PATH`` (``benchmarks/gpu_compare.sh`` sets both).
 
 Step time is verl's ``timing_s/step``; the median skips the first two steps (start-up).
 The integration's own share of a step is the time the step waited for its batch
@@ -13,12 +17,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from recipe.atropos.console_metrics import parse_step_metrics  # noqa: E402
+from recipe.atropos.launcher.metrics_file import read_step_metrics
 
 
 def median_after(steps: dict[int, dict], key: str, skip: int = 2) -> float:
@@ -28,19 +29,20 @@ def median_after(steps: dict[int, dict], key: str, skip: int = 2) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ours", required=True, type=Path, help="the trainer's log of this project's run")
-    parser.add_argument("--native", type=Path, help="console log of verl's own GRPO run")
+    parser.add_argument("--ours", required=True, type=Path, help="metrics file of this project's run")
+    parser.add_argument("--native", type=Path, help="metrics file of verl's own GRPO run")
     parser.add_argument("--png", type=Path, help="where to write the plot")
     args = parser.parse_args()
 
-    ours = parse_step_metrics(args.ours.read_text(errors="replace"))
+    ours = read_step_metrics(args.ours)
     if not ours:
         raise SystemExit(f"{args.ours}: no step metrics found")
-    native = parse_step_metrics(args.native.read_text(errors="replace"), require_prefix="timing_s/") if args.native else {}
+    native = read_step_metrics(args.native, require_prefix="timing_s/") if args.native else {}
     print(f"steps: ours {len(ours)}, native {len(native)}")
-    print("| step | score_mean | " + " | ".join(sorted({k for m in ours.values() for k in m if k.startswith("atropos/env/")})) + " | override_fraction | step s |")
+    env_keys = sorted({k for m in ours.values() for k in m if k.startswith("atropos/env/")})
+    print("| step | score_mean | " + " | ".join(env_keys) + " | override_fraction | step s |")
     for step, m in sorted(ours.items()):
-        envs = " | ".join(f"{m.get(k, float('nan')):.3f}" for k in sorted({k for mm in ours.values() for k in mm if k.startswith("atropos/env/")}))
+        envs = " | ".join(f"{m.get(k, float('nan')):.3f}" for k in env_keys)
         print(f"| {step} | {m.get('atropos/score_mean', float('nan')):.3f} | {envs} | "
               f"{m.get('atropos/override_fraction', float('nan')):.2f} | {m.get('timing_s/step', float('nan')):.2f} |")
     step_ours = median_after(ours, "timing_s/step")
@@ -52,7 +54,10 @@ def main() -> None:
     print(f"integration share of the step (batch wait + merge): {100 * share:.2f} %")
     if native:
         step_native = median_after(native, "timing_s/step")
-        print(f"median step time after step 2, native: {step_native:.2f} s; ratio ours/native: {step_ours / step_native:.3f}")
+        print(
+            f"median step time after step 2, native: {step_native:.2f} s; "
+            f"ratio ours/native: {step_ours / step_native:.3f}"
+        )
         for key in ("timing_s/gen", "timing_s/update_actor", "timing_s/old_log_prob", "timing_s/update_weights"):
             print(f"  native median {key}: {median_after(native, key):.4f}")
 
@@ -65,11 +70,13 @@ def main() -> None:
         steps = sorted(ours)
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
         top.plot(steps, [ours[s].get("atropos/score_mean", float("nan")) for s in steps], marker="o", label="all")
-        for key in sorted({k for m in ours.values() for k in m if k.startswith("atropos/env/")}):
-            top.plot(steps, [ours[s].get(key, float("nan")) for s in steps], marker=".", label=f"env {key.split('/')[2]}")
+        for key in env_keys:
+            values = [ours[s].get(key, float("nan")) for s in steps]
+            top.plot(steps, values, marker=".", label=f"env {key.split('/')[2]}")
         top.set_ylabel("mean env score")
         top.legend()
-        bottom.plot(steps, [ours[s].get("atropos/override_fraction", float("nan")) for s in steps], marker="o", color="tab:green")
+        override = [ours[s].get("atropos/override_fraction", float("nan")) for s in steps]
+        bottom.plot(steps, override, marker="o", color="tab:green")
         bottom.set_ylabel("override_fraction")
         bottom.set_xlabel("step")
         bottom.set_ylim(-0.05, 1.05)

@@ -1,9 +1,7 @@
-"""Shared fixtures: a real Atropos trajectory API (``run-api``) on a free loopback port."""
+"""Shared fixtures: a real Atropos trajectory API (``run-api``) on a free loopback port, real uvicorn apps."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -11,17 +9,14 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from recipe.atropos.launcher.service_process import Service
+from tests.processes import free_port, start_service
 
 
 @dataclass
 class TrajectoryAPI:
     url: str
-    process: subprocess.Popen
+    service: Service
 
     def post(self, path: str, body) -> dict:
         response = httpx.post(f"{self.url}{path}", json=body, timeout=10)
@@ -42,38 +37,19 @@ class TrajectoryAPI:
 
 @pytest.fixture
 def trajectory_api(tmp_path):
-    """A fresh ``run-api`` process per test (its state lives in memory), stopped by PID."""
+    """A fresh ``run-api`` process per test (its state lives in memory), stopped with its session."""
     port = free_port()
-    log = open(tmp_path / "run-api.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "atroposlib.cli.run_api", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"run-api exited with {process.returncode}: {(tmp_path / 'run-api.log').read_text()}")
-        try:
-            if httpx.get(f"{url}/", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"run-api did not answer on {url} within 60 s")
-        time.sleep(0.1)
+    service = start_service(
+        "run-api",
+        [sys.executable, "-m", "atroposlib.cli.run_api", "--host", "127.0.0.1", "--port", str(port)],
+        tmp_path,
+        ready=lambda: httpx.get(f"{url}/", timeout=1).status_code == 200,
+    )
     try:
-        yield TrajectoryAPI(url=url, process=process)
+        yield TrajectoryAPI(url=url, service=service)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+        service.stop(10)
 
 
 class ServedApp:

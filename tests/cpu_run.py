@@ -1,62 +1,78 @@
-"""Helpers for the end-to-end CPU tests: real processes on loopback, stopped by PID.
+"""Helpers for the end-to-end CPU tests: real processes on loopback, each a service of its own.
 
 A :class:`CPURun` starts what a user would: the trajectory API (``run-api``), the
 trainer (``python -m recipe.atropos.main_atropos --config-name atropos_grpo_cpu``)
 and, when asked, an Atropos environment (``python -m recipe.atropos.envs.... serve``),
-each in its own process group with its own log file.
+through :mod:`tests.processes`. The trainer binds its gateway to a free port and
+reports it (``trainer.atropos.gateway_url_file``); its metrics are read from the
+JSONL verl's file tracker writes (``trainer.atropos.metrics_file``).
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
-from tests.conftest import free_port
+from recipe.atropos.launcher.metrics_file import read_step_metrics
+from recipe.atropos.launcher.service_process import Service
+from tests.processes import free_port, start_service, wait_until
 
-REPO = Path(__file__).resolve().parents[1]
+
 class CPURun:
     def __init__(self, workdir: Path, model_dir: str):
         self.workdir = workdir
         self.model_dir = model_dir
         self.api_url = f"http://127.0.0.1:{free_port()}"
-        self.gateway_url = f"http://127.0.0.1:{free_port()}"
-        self.processes: dict[str, subprocess.Popen] = {}
+        self.gateway_url_file = workdir / "gateway_url"
+        self.metrics_file = workdir / "metrics.jsonl"
+        self.services: dict[str, Service] = {}
 
-    def _start(self, name: str, command: list[str]) -> subprocess.Popen:
-        log = open(self.workdir / f"{name}.log", "w")
-        process = subprocess.Popen(
-            command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.processes[name] = process
-        return process
+    def _start(self, name: str, command: list[str], **kwargs) -> Service:
+        self.services[name] = start_service(name, command, self.workdir, **kwargs)
+        return self.services[name]
 
     def log(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text(errors="replace")
 
     def start_api(self) -> None:
         port = self.api_url.rsplit(":", 1)[1]
-        self._start("api", [sys.executable, "-m", "atroposlib.cli.run_api", "--host", "127.0.0.1", "--port", port])
-        self.wait_for(lambda: httpx.get(f"{self.api_url}/status").status_code == 200, "run-api", 60)
+        self._start(
+            "api",
+            [sys.executable, "-m", "atroposlib.cli.run_api", "--host", "127.0.0.1", "--port", port],
+            ready=lambda: httpx.get(f"{self.api_url}/status").status_code == 200,
+        )
 
-    def start_trainer(self, *overrides: str) -> subprocess.Popen:
+    def start_trainer(self, *overrides: str) -> Service:
+        # a second run in the same folder (a resumed trainer) must not read the first one's files
+        for left_over in (self.gateway_url_file, self.metrics_file):
+            left_over.unlink(missing_ok=True)
         return self._start(
             "trainer",
             [
                 sys.executable, "-m", "recipe.atropos.main_atropos", "--config-name", "atropos_grpo_cpu",
                 f"actor_rollout_ref.model.path={self.model_dir}",
                 f"trainer.atropos.api_url={self.api_url}",
-                f"trainer.atropos.gateway_port={self.gateway_url.rsplit(':', 1)[1]}",
+                "trainer.atropos.gateway_port=0",
+                f"trainer.atropos.gateway_url_file={self.gateway_url_file}",
+                f"trainer.atropos.metrics_file={self.metrics_file}",
                 "trainer.atropos.timeout=180",
                 f"trainer.default_local_dir={self.workdir / 'checkpoints'}",
                 *overrides,
             ],
+        )
+
+    @property
+    def gateway_url(self) -> str:
+        """The address the trainer's gateway bound (it picks a free port)."""
+        return self.gateway_url_file.read_text().strip()
+
+    def wait_gateway(self, timeout: float = 240) -> None:
+        self.wait_for(
+            lambda: self.gateway_url_file.is_file() and httpx.get(f"{self.gateway_url}/health").status_code == 200,
+            "gateway",
+            timeout,
         )
 
     def start_env(self, module: str, data_path: str, group_size: int = 4, name: str | None = None) -> None:
@@ -76,39 +92,23 @@ class CPURun:
         )
 
     def wait_for(self, ready, what: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for name, process in self.processes.items():
-                if process.poll() is not None and name in ("api", "trainer"):
-                    raise AssertionError(f"{name} exited with {process.returncode} before {what}:\n{self.log(name)[-3000:]}")
-            try:
-                if ready():
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"{what} not ready within {timeout} s")
+        wait_until(ready, what, timeout, watch=[s for name, s in self.services.items() if name in ("api", "trainer")])
 
     def wait_registered(self, timeout: float = 240) -> None:
-        self.wait_for(lambda: httpx.get(f"{self.api_url}/info").json()["batch_size"] > 0, "trainer registration", timeout)
+        registered = lambda: httpx.get(f"{self.api_url}/info").json()["batch_size"] > 0  # noqa: E731
+        self.wait_for(registered, "trainer registration", timeout)
 
     def replica_weight_versions(self) -> list[int]:
         replicas = httpx.get(f"{self.gateway_url}/health", timeout=10).json()["replicas"]
         return [state.get("weight_version", -1) for state in replicas.values()]
 
     def wait_trainer(self, timeout: float = 300) -> int:
-        return self.processes["trainer"].wait(timeout=timeout)
+        return self.services["trainer"].process.wait(timeout=timeout)
+
+    def steps(self) -> dict[int, dict[str, float]]:
+        """Every training step's metrics, from the trainer's metrics file."""
+        return read_step_metrics(self.metrics_file)
 
     def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                try:
-                    os.killpg(process.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        for service in reversed(list(self.services.values())):
+            service.stop(10)

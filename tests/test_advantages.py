@@ -7,8 +7,8 @@ import pytest
 import torch
 from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 
-from recipe.atropos.advantages import FROM_ATROPOS, apply_atropos_advantages, merge_atropos_advantages
-from recipe.atropos.batch import groups_to_dataproto
+from recipe.atropos.trainer.advantages import FROM_ATROPOS, apply_atropos_advantages, merge_atropos_advantages
+from recipe.atropos.trainer.batch import groups_to_dataproto
 
 
 def random_inputs(group_sizes, response_length=7, seed=0):
@@ -58,7 +58,8 @@ def test_grpo_formula_per_group(norm_adv_by_std_in_grpo):
 def test_mixed_batch_takes_atropos_exactly_where_given_and_grpo_elsewhere():
     rewards, mask, index, atropos = random_inputs([4, 4, 4])
     has = torch.tensor([True] * 4 + [False] * 4 + [True] * 4)
-    merged, from_atropos = merge_atropos_advantages(rewards, mask, index, atropos, has, torch.zeros(12, dtype=torch.bool))
+    no_zeroing = torch.zeros(12, dtype=torch.bool)
+    merged, from_atropos = merge_atropos_advantages(rewards, mask, index, atropos, has, no_zeroing)
     grpo, _ = compute_grpo_outcome_advantage(rewards, mask, index)
     torch.testing.assert_close(merged[has], atropos[has] * mask[has])
     torch.testing.assert_close(merged[~has], grpo[~has])

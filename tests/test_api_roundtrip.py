@@ -6,10 +6,12 @@ import pytest
 import torch
 from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 
-from recipe.atropos import batch as B
-from recipe.atropos.advantages import apply_atropos_advantages
-from recipe.atropos.client import AtroposBatchTimeout, AtroposClient, Registration
-from recipe.atropos.metrics import atropos_metrics
+from recipe.atropos.gateway.policy_versions import PolicyVersionLedger
+from recipe.atropos.trainer import batch as B
+from recipe.atropos.trainer.advantages import apply_atropos_advantages
+from recipe.atropos.trainer.batch_pipeline import shape_batch
+from recipe.atropos.trainer.metrics import atropos_metrics
+from recipe.atropos.trainer.trajectory_client import AtroposBatchTimeout, AtroposClient, Registration
 
 GROUP_SIZE = 4
 
@@ -91,11 +93,14 @@ def test_round_trip_with_two_envs_advantages_masks_and_overrides(registered):
     # ... and verl's GRPO elsewhere.
     math_rows = ~from_tools
     grpo, _ = compute_grpo_outcome_advantage(
-        batch["token_level_scores"][math_rows], batch["response_mask"][math_rows], data.non_tensor_batch["uid"][math_rows.numpy()]
+        batch["token_level_scores"][math_rows],
+        batch["response_mask"][math_rows],
+        data.non_tensor_batch["uid"][math_rows.numpy()],
     )
     torch.testing.assert_close(batch["advantages"][math_rows], grpo)
 
-    metrics = atropos_metrics(result, fetched.wait_s)
+    shaped = shape_batch(result, ledger=PolicyVersionLedger(), actor_version=0, max_policy_lag_steps=1, unit=16)
+    metrics = atropos_metrics(shaped, apply_atropos_advantages(shaped.data), fetched.wait_s)
     assert metrics["atropos/groups"] == 4
     assert metrics["atropos/sequences"] == 16
     assert metrics["atropos/groups_rejected"] == 0
@@ -115,12 +120,16 @@ def test_a_malformed_group_from_the_api_is_counted_and_training_goes_on(register
     result = B.groups_to_dataproto(fetched.groups, max_token_len=32, pad_token_id=0)
     assert [r.reason for r in result.rejections] == [B.INVALID_MASK_VALUE]
     assert result.rejections[0].env_id == tool_env
-    apply_atropos_advantages(result.data)
-    metrics = atropos_metrics(result, fetched.wait_s)
+    # the step trains 16 rows (the registered size): 12 real ones and 4 of padding
+    shaped = shape_batch(result, ledger=PolicyVersionLedger(), actor_version=0, max_policy_lag_steps=1, unit=16)
+    assert len(shaped.data) == 16
+    metrics = atropos_metrics(shaped, apply_atropos_advantages(shaped.data), fetched.wait_s)
     assert metrics["atropos/groups"] == 3
     assert metrics["atropos/groups_rejected"] == 1
     assert metrics[f"atropos/rejected/{B.INVALID_MASK_VALUE}"] == 1
     assert metrics["atropos/sequences"] == 12
+    assert metrics["atropos/pad_sequences"] == 4
+    assert metrics["atropos/override_fraction"] == pytest.approx(4 / 12)  # the one tool group left
 
 
 def test_too_long_for_the_registration_is_rejected(registered):

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from recipe.atropos import batch as B
-from recipe.atropos.batch import groups_to_dataproto
+from recipe.atropos.trainer import batch as B
+from recipe.atropos.trainer.batch import groups_to_dataproto
 
 PAD = 0
 

@@ -9,15 +9,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from recipe.atropos.client import (
+from recipe.atropos.settings import AtroposConfig
+from recipe.atropos.trainer.trajectory_client import (
     AtroposBatchTimeout,
     AtroposClient,
     AtroposConnectionError,
     AtroposRequestError,
     Registration,
 )
-from recipe.atropos.settings import AtroposConfig
-from tests.conftest import free_port
+from tests.processes import free_port
 
 
 def make_group(size: int = 2, env_id: int | None = None) -> dict:
@@ -149,7 +149,8 @@ class ScriptedServer:
 
 
 def test_5xx_and_malformed_json_are_retried_then_succeed():
-    replies = [(503, "busy"), (200, "not json {"), (500, "boom"), (200, json.dumps({"current_step": 7, "queue_size": 1}))]
+    status = json.dumps({"current_step": 7, "queue_size": 1})
+    replies = [(503, "busy"), (200, "not json {"), (500, "boom"), (200, status)]
     with ScriptedServer(replies) as server:
         client = AtroposClient(server.url, timeout=5, max_retries=3, backoff_initial_s=0.01)
         assert client.status() == {"current_step": 7, "queue_size": 1}
@@ -180,7 +181,9 @@ def test_4xx_fails_at_once_with_the_servers_message():
 
 
 def test_client_from_config_uses_every_setting():
-    config = AtroposConfig(api_url="http://127.0.0.1:1/", timeout=3, max_retries=0, backoff_initial_s=0.5, backoff_max_s=1)
+    config = AtroposConfig(
+        api_url="http://127.0.0.1:1/", timeout=3, max_retries=0, backoff_initial_s=0.5, backoff_max_s=1
+    )
     client = AtroposClient.from_config(config)
     assert (client.api_url, client.timeout, client.max_retries) == ("http://127.0.0.1:1", 3, 0)
     assert (client.backoff_initial_s, client.backoff_max_s) == (0.5, 1)

@@ -8,9 +8,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from verl.utils.config import omega_conf_to_dataclass
 
-from recipe.atropos.launch_atropos_verl_services import Launcher, env_command
+from recipe.atropos.launcher.launch import Launcher, env_command
 from recipe.atropos.main_atropos import check_config
-from recipe.atropos.settings import AtroposConfig
+from recipe.atropos.settings import AtroposConfig, EnvServiceConfig, ServicesConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipe" / "atropos" / "config"
 
@@ -26,7 +26,8 @@ def test_small_config_is_the_seeds():
     assert config.actor_rollout_ref.model.path == "Qwen/Qwen2.5-3B-Instruct"
     assert config.actor_rollout_ref.rollout.name == "vllm"
     assert (config.actor_rollout_ref.rollout.n, config.actor_rollout_ref.rollout.tensor_model_parallel_size) == (2, 1)
-    assert (config.data.train_batch_size, config.data.max_prompt_length, config.data.max_response_length) == (2, 256, 256)
+    data = config.data
+    assert (data.train_batch_size, data.max_prompt_length, data.max_response_length) == (2, 256, 256)
     assert list(config.trainer.logger) == ["console", "wandb"]
     assert config.algorithm.adv_estimator == "grpo" and not config.critic.get("enable")
     atropos = omega_conf_to_dataclass(config.trainer.atropos)
@@ -83,12 +84,17 @@ def test_a_misconfigured_disaggregated_layout_is_named(override, message):
 
 def test_launcher_wires_envs_to_this_runs_api_gateway_and_sizes(tmp_path):
     launcher = Launcher(CONFIG_DIR / "atropos_grpo_cpu.yaml",
-                        ["trainer.atropos.api_url=http://localhost:9555", "trainer.atropos.gateway_port=8555"], tmp_path)
-    names = [s.name for s in launcher.services]
-    assert names == ["api", "trainer", "gsm8k_0", "gsm8k_answer_credit_0"]
-    api, trainer, env = launcher.services[:3]
+                        ["trainer.atropos.api_url=http://localhost:9555", "trainer.atropos.gateway_port=0"], tmp_path)
+    api, trainer = launcher.services
     assert api.command[-4:] == ["--host", "127.0.0.1", "--port", "9555"]
-    assert "--config-name" in trainer.command and "trainer.atropos.gateway_port=8555" in trainer.command
+    assert "--config-name" in trainer.command and "trainer.atropos.gateway_port=0" in trainer.command
+    # the trainer reports the gateway it bound and writes its metrics into the run directory
+    assert f"trainer.atropos.gateway_url_file={(tmp_path / 'gateway_url').resolve()}" in trainer.command
+    assert f"trainer.atropos.metrics_file={(tmp_path / 'metrics.jsonl').resolve()}" in trainer.command
+    # the environments start on the address the trainer reported
+    envs = launcher.env_services("http://127.0.0.1:8555")
+    assert [s.name for s in envs] == ["gsm8k_0", "gsm8k_answer_credit_0"]
+    env = envs[0]
     flags = dict(zip(env.command[4::2], env.command[5::2]))
     assert flags["--env.rollout_server_url"] == "http://localhost:9555"
     assert flags["--openai.base_url"] == "http://127.0.0.1:8555/v1"
@@ -106,8 +112,38 @@ def test_a_stock_env_script_is_found_under_atropos_path(tmp_path, monkeypatch):
     script.parent.mkdir()
     script.write_text("")
     monkeypatch.setenv("ATROPOS_PATH", str(tmp_path))
-    command = env_command({"script": "environments/gsm8k_server.py"}, 0, config, "http://a", "http://g")
+    atropos = AtroposConfig.from_run_config(config)
+    spec = EnvServiceConfig(script="environments/gsm8k_server.py")
+    command = env_command(spec, 0, config, atropos, "http://g")
     assert command[1:3] == [str(script), "serve"]
     monkeypatch.delenv("ATROPOS_PATH")
     with pytest.raises(SystemExit, match="set ATROPOS_PATH"):
-        env_command({"script": "environments/gsm8k_server.py"}, 0, config, "http://a", "http://g")
+        env_command(spec, 0, config, atropos, "http://g")
+
+
+def test_the_services_config_is_typed_and_its_defaults_live_in_one_place():
+    services = ServicesConfig.from_run_config(load("atropos_grpo_cpu"))
+    assert services.startup_timeout_s == 600  # the CPU config's own value
+    assert (services.run_dir, services.status_interval_s, services.stop_grace_s) == ("outputs/services", 30, 20)
+    assert [(env.service_name, env.count) for env in services.envs] == [("gsm8k", 1), ("gsm8k_answer_credit", 1)]
+    assert services.envs[0].args["env.data_path"].endswith("data/gsm8k/train.parquet")  # interpolation resolved
+    # the shared YAML states the dataclass's defaults, so plain overrides of every key work
+    shared = ServicesConfig.from_run_config(load("atropos_grpo_cpu", ["services.startup_timeout_s=900"]))
+    assert (shared.run_dir, shared.startup_timeout_s, shared.status_interval_s, shared.stop_grace_s) == (
+        ServicesConfig.run_dir, ServicesConfig.startup_timeout_s, ServicesConfig.status_interval_s,
+        ServicesConfig.stop_grace_s)
+    faster = ServicesConfig.from_run_config(load("atropos_grpo_cpu", ["services.status_interval_s=5"]))
+    assert faster.status_interval_s == 5
+    gpu = ServicesConfig.from_run_config(load("atropos_grpo_smollm2_gpu"))
+    assert (gpu.startup_timeout_s, gpu.status_interval_s, gpu.stop_grace_s) == (1200, 60, 30)
+    assert [env.module for env in gpu.envs] == [env.module for env in services.envs]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+services.startup_timeout=5", "startup_timeout"),
+    ("services.stop_grace_s=soon", "stop_grace_s"),
+    ("+services.envs.0.script=x.py", "exactly one of 'module' or 'script'"),
+])
+def test_a_bad_services_key_fails_at_start_up_naming_it(override, message, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        Launcher(CONFIG_DIR / "atropos_grpo_cpu.yaml", [override], tmp_path)

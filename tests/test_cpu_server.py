@@ -63,7 +63,8 @@ def test_token_id_completions_have_vllms_shape(client):
 
 def test_prompt_logprobs_have_vllms_shape_and_match_the_model(client, policy):
     ids = [1, 87, 85, 71, 84]
-    reply = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}).json()
+    request = {"prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}
+    reply = client.post("/v1/completions", json=request).json()
     same_shape(reply, RECORDED["completions_prompt_logprobs"]["reply"])
     entries = reply["choices"][0]["prompt_logprobs"]
     assert entries[0] is None

@@ -15,6 +15,9 @@ from verl.checkpoint_engine.base import CheckpointEngineRegistry
 from verl.single_controller.base import Worker
 from verl.single_controller.base.decorator import Dispatch, register
 
+# a Ray cluster and a served replica: a minute or more on 2 cores
+pytestmark = pytest.mark.slow
+
 TOKENS = [1, 87, 85, 71, 72, 90, 12, 40]
 
 
@@ -48,11 +51,13 @@ def cpu_ray():
     """Ray as atropos_grpo_cpu.yaml starts it (logical GPU slots, the CPU platform in every process)."""
     from verl.plugin.platform import platform_manager
 
-    import recipe.atropos.cpu  # noqa: F401  (the CPU platform, rollout and checkpoint engine, in this process)
+    from recipe.atropos.cpu.register import register
+
+    register()  # the CPU platform, rollout and checkpoint engine, in this process
 
     env_vars = {
         "VERL_PLATFORM": "cpu",
-        "VERL_USE_EXTERNAL_MODULES": "recipe.atropos.cpu",
+        "VERL_USE_EXTERNAL_MODULES": "recipe.atropos.cpu.register",
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
@@ -111,7 +116,7 @@ def local_prompt_logprobs(model_path: str, scale: float) -> list[float | None]:
 
 def assert_close(replica: list, local: list) -> None:
     assert replica[0] is None and local[0] is None
-    assert max(abs(r - l) for r, l in zip(replica[1:], local[1:], strict=True)) < 1e-5
+    assert max(abs(r - mine) for r, mine in zip(replica[1:], local[1:], strict=True)) < 1e-5
 
 
 def test_standalone_replica_serves_http(replica):
@@ -141,7 +146,7 @@ def test_checkpoint_engine_manager_syncs_weights_into_the_replica(replica, rollo
     from verl.checkpoint_engine.base import CheckpointEngineManager
     from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 
-    from recipe.atropos.sync_check import replica_prompt_logprobs
+    from recipe.atropos.trainer.sync_check import replica_prompt_logprobs
 
     url = f"http://{replica.server_address}"
     assert_close(replica_prompt_logprobs(url, TOKENS), local_prompt_logprobs(tiny_model_dir, 1.0))

@@ -1,4 +1,4 @@
-"""Offline GSM8K data, the environments' scoring rules, and reading metrics back from the console."""
+"""Offline GSM8K data and the environments' scoring rules."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from recipe.atropos.console_metrics import parse_step_metrics, summary
 from recipe.atropos.data import prepare_gsm8k
 from recipe.atropos.data.gsm8k_synthetic import make_problems
 from recipe.atropos.envs.gsm8k import extract_answer, score_solution
@@ -88,16 +87,3 @@ def test_answer_credit_rule():
     assert adv[5:] == pytest.approx([0.85] * 3)  # 0.75 + 0.1
     no_answer = token_advantages([-100, 1, 1], ["a", "b"], 0.0, 0.0, False, 0.5, 0.1)
     assert no_answer == pytest.approx([0.0, -0.1, -0.1])
-
-
-def test_console_metrics_round_trip():
-    console = (
-        "noise\n(TaskRunner pid=1) step:2 - actor/pg_loss:np.float64(-0.5) - atropos/score_mean:0.25 - "
-        "atropos/env/0/score_mean:0.5 - atropos/override_fraction:1.0 - timing_s/step:1.5 - atropos/groups_rejected:0.0\n"
-        "step:3 - global_seqlen/min:10 - nothing atropos here\n"
-    )
-    steps = parse_step_metrics(console)
-    assert list(steps) == [2]
-    assert steps[2]["actor/pg_loss"] == -0.5 and steps[2]["atropos/env/0/score_mean"] == 0.5
-    line = summary(2, steps[2], total_steps=5)
-    assert line == "step 2/5 | score_mean 0.250 | env 0 0.500 | override_fraction 1.00 | rejected 0 | 1.5 s"

@@ -20,8 +20,9 @@ from fastapi import FastAPI
 
 from recipe.atropos.cpu.server import PolicyServer
 from recipe.atropos.cpu.server import build_app as build_cpu_app
-from recipe.atropos.gateway import GatewayServer, atropos_to_vllm_generate, vllm_to_atropos_generate
-from tests.conftest import ServedApp, free_port
+from recipe.atropos.gateway.server import GatewayServer, atropos_to_vllm_generate, vllm_to_atropos_generate
+from tests.conftest import ServedApp
+from tests.processes import free_port
 
 RECORDED = json.loads((Path(__file__).parent / "data" / "vllm_0_24_replies.json").read_text())
 
@@ -52,7 +53,9 @@ def test_atropos_request_becomes_vllm_tokens_in_request():
                "temperature": 0.7, "top_p": 0.9, "stop": ["\n\n"], "unknown": 1}
     assert atropos_to_vllm_generate(atropos) == {
         "token_ids": [5, 6, 7],
-        "sampling_params": {"n": 4, "max_tokens": 16, "temperature": 0.7, "top_p": 0.9, "stop": ["\n\n"], "logprobs": 0},
+        "sampling_params": {
+            "n": 4, "max_tokens": 16, "temperature": 0.7, "top_p": 0.9, "stop": ["\n\n"], "logprobs": 0
+        },
     }
     assert atropos_to_vllm_generate({"prompt": {"prompt_token_ids": [1]}, "max_new_tokens": 3})["sampling_params"] == {
         "max_tokens": 3, "logprobs": 0}
@@ -140,7 +143,8 @@ def test_atroposlib_vllm_client_through_the_gateway_to_the_cpu_backend(cpu_repli
 def test_completions_and_chat_pass_through(cpu_replicas):
     gateway, _ = cpu_replicas
     completion = httpx.post(f"{gateway.url}/v1/completions", json={
-        "prompt": [1, 87, 85], "max_tokens": 4, "n": 2, "logprobs": 1, "return_tokens_as_token_ids": True}, timeout=60).json()
+        "prompt": [1, 87, 85], "max_tokens": 4, "n": 2, "logprobs": 1, "return_tokens_as_token_ids": True},
+        timeout=60).json()
     assert len(completion["choices"]) == 2
     assert all(t.startswith("token_id:") for t in completion["choices"][0]["logprobs"]["tokens"])
     chat = httpx.post(f"{gateway.url}/v1/chat/completions", json={

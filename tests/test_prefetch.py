@@ -8,9 +8,9 @@ from functools import partial
 
 import pytest
 
-from recipe.atropos.batch import groups_to_dataproto
-from recipe.atropos.client import AtroposBatchTimeout, AtroposClient, Registration
-from recipe.atropos.prefetch import BatchPrefetcher
+from recipe.atropos.trainer.batch import groups_to_dataproto
+from recipe.atropos.trainer.prefetch import BatchPrefetcher
+from recipe.atropos.trainer.trajectory_client import AtroposBatchTimeout, AtroposClient, Registration
 
 
 def group(score: float) -> dict:

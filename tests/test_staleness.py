@@ -11,13 +11,13 @@ import threading
 import httpx
 import pytest
 
-from recipe.atropos.batch import groups_to_dataproto
 from recipe.atropos.cpu.server import PolicyServer
 from recipe.atropos.cpu.server import build_app as build_cpu_app
-from recipe.atropos.gateway import GatewayServer
-from recipe.atropos.policy_versions import PolicyVersionLedger, group_lag
+from recipe.atropos.gateway.policy_versions import PolicyVersionLedger, group_lag
+from recipe.atropos.gateway.server import GatewayServer
 from recipe.atropos.settings import AtroposConfig
-from recipe.atropos.staleness import POLICY_LAG_EXCEEDED, bound_policy_lag, sequences_of
+from recipe.atropos.trainer.batch import groups_to_dataproto
+from recipe.atropos.trainer.staleness import POLICY_LAG_EXCEEDED, bound_policy_lag, sequences_of
 from tests.conftest import ServedApp
 
 

@@ -10,9 +10,10 @@ import pytest
 
 from recipe.atropos.data.prepare_gsm8k import prepare
 from recipe.atropos.models.make_tiny_model import write_tiny_model
-from recipe.atropos.sync_check import replica_prompt_logprobs
-from recipe.atropos.console_metrics import parse_step_metrics
+from recipe.atropos.trainer.sync_check import replica_prompt_logprobs
 from tests.cpu_run import CPURun
+
+pytestmark = pytest.mark.slow
 
 DESIGN_METRICS = [
     "atropos/batch_wait_s",
@@ -21,6 +22,7 @@ DESIGN_METRICS = [
     "atropos/groups_rejected",
     "atropos/score_mean",
     "atropos/override_fraction",
+    "atropos/pad_sequences",
     "actor/pg_loss",
     "actor/grad_norm",
     "timing_s/step",
@@ -45,11 +47,11 @@ def cpu_run(tmp_path, assets):
 
 def test_three_steps_through_a_real_environment(cpu_run, assets):
     cpu_run.start_trainer("trainer.total_training_steps=3", "trainer.atropos.check_weight_sync=true")
-    cpu_run.wait_for(lambda: httpx.get(f"{cpu_run.gateway_url}/health").status_code == 200, "gateway", 240)
+    cpu_run.wait_gateway()
     cpu_run.start_env("recipe.atropos.envs.gsm8k_answer_credit", assets["train"])
     assert cpu_run.wait_trainer() == 0, cpu_run.log("trainer")[-4000:]
 
-    steps = parse_step_metrics(cpu_run.log("trainer"))
+    steps = cpu_run.steps()
     assert sorted(steps) == [1, 2, 3]
     for step, metrics in steps.items():
         for name in DESIGN_METRICS:
@@ -99,13 +101,13 @@ def test_token_level_advantages_reach_the_loss(cpu_run):
     after = replica_prompt_logprobs(replicas[0], sequence)
 
     for position in range(start, start + 3):
-        assert after[position] > before[position], f"favoured token at {position}: {before[position]} -> {after[position]}"
+        assert after[position] > before[position], f"favoured at {position}: {before[position]} -> {after[position]}"
     for position in range(start + 3, start + 6):
-        assert after[position] < before[position], f"disfavoured token at {position}: {before[position]} -> {after[position]}"
+        assert after[position] < before[position], f"disfavoured at {position}: {before[position]} -> {after[position]}"
 
     httpx.post(f"{cpu_run.api_url}/scored_data_list", json=groups).raise_for_status()
     assert cpu_run.wait_trainer() == 0, cpu_run.log("trainer")[-4000:]
-    assert parse_step_metrics(cpu_run.log("trainer"))[1]["atropos/override_fraction"] == 1.0
+    assert cpu_run.steps()[1]["atropos/override_fraction"] == 1.0
 
 
 def plain_batch(rng: random.Random) -> list[dict]:
@@ -146,7 +148,7 @@ def test_resume_from_a_step_2_checkpoint(tmp_path, assets):
         assert httpx.get(f"{second.api_url}/status").json()["current_step"] == 2
         httpx.post(f"{second.api_url}/scored_data_list", json=plain_batch(rng)).raise_for_status()
         assert second.wait_trainer() == 0, second.log("trainer")[-4000:]
-        assert sorted(parse_step_metrics(second.log("trainer"))) == [3]
+        assert sorted(second.steps()) == [3]
         assert httpx.get(f"{second.api_url}/status").json()["current_step"] == 3
     finally:
         second.stop()
@@ -180,7 +182,7 @@ def test_a_group_older_than_the_staleness_bound_is_rejected_and_counted(cpu_run)
     post([old, gateway_group(cpu_run.gateway_url, rng)])  # step 3, actor at version 2: `old` is 2 behind
     assert cpu_run.wait_trainer() == 0, cpu_run.log("trainer")[-4000:]
 
-    steps = parse_step_metrics(cpu_run.log("trainer"))
+    steps = cpu_run.steps()
     for step in (1, 2):
         assert steps[step]["atropos/policy_lag_steps"] == 0 and steps[step]["atropos/groups"] == 2
     assert steps[3]["atropos/groups"] == 1 and steps[3]["atropos/sequences"] == 4
@@ -200,14 +202,16 @@ STANDALONE_LAYOUT = [
 
 
 def test_disaggregated_layout_trains_while_the_standalone_replica_generates(cpu_run, assets):
-    cpu_run.start_trainer("trainer.total_training_steps=3", "trainer.atropos.check_weight_sync=true", *STANDALONE_LAYOUT)
-    cpu_run.wait_for(lambda: httpx.get(f"{cpu_run.gateway_url}/health").status_code == 200, "gateway", 240)
+    cpu_run.start_trainer(
+        "trainer.total_training_steps=3", "trainer.atropos.check_weight_sync=true", *STANDALONE_LAYOUT
+    )
+    cpu_run.wait_gateway()
     cpu_run.start_env("recipe.atropos.envs.gsm8k_answer_credit", assets["train"])
     assert cpu_run.wait_trainer() == 0, cpu_run.log("trainer")[-4000:]
 
     log = cpu_run.log("trainer")
     assert "rollout_standalone" in log or "init_standalone" in log or "standalone" in log.lower()
-    steps = parse_step_metrics(log)
+    steps = cpu_run.steps()
     assert sorted(steps) == [1, 2, 3]
     for step, metrics in steps.items():
         assert metrics["atropos/policy_version_known_fraction"] == 1.0

@@ -1,6 +1,7 @@
 """GRPO training in verl on rollouts from Atropos environments.
 
-The trajectory API client, the conversion of Atropos scored groups into verl
-``DataProto`` batches, and the merge of Atropos token-level advantages with
-verl's GRPO advantages.
+One package per process: ``trainer`` (verl's trainer fed by the Atropos trajectory
+API), ``gateway`` (the inference gateway the environments call, run by the trainer),
+``launcher`` (every service from one YAML) and ``cpu`` (the CPU backend, registered
+by ``cpu.register``). ``settings`` is the typed config all of them read.
 """

@@ -30,7 +30,9 @@ def check_config(config) -> None:
             "merged with Atropos token-level advantages; set algorithm.adv_estimator=grpo"
         )
     if config.trainer.get("use_v1", False):
-        raise ValueError("trainer.use_v1=true: RayGRPOAtroposTrainer extends the legacy trainer; set trainer.use_v1=false")
+        raise ValueError(
+            "trainer.use_v1=true: RayGRPOAtroposTrainer extends the legacy trainer; set trainer.use_v1=false"
+        )
     if not config.actor_rollout_ref.hybrid_engine:
         check_standalone_layout(config)
 
@@ -72,7 +74,7 @@ class AtroposTaskRunner(BaseTaskRunner):
 
             actor_rollout_cls = CPUStandaloneRolloutActorWorker if standalone else CPUActorRolloutRefWorker
         elif standalone:
-            from .actor_worker import StandaloneRolloutActorWorker
+            from .trainer.actor_worker import StandaloneRolloutActorWorker
 
             actor_rollout_cls = StandaloneRolloutActorWorker
         # same role verl chose (with or without a fused reference policy), the worker for this layout
@@ -83,12 +85,14 @@ class AtroposTaskRunner(BaseTaskRunner):
     def run(self, config):
         from verl.single_controller.ray import RayWorkerGroup
 
-        from .trainer import RayGRPOAtroposTrainer
+        from .trainer.ray_trainer import RayGRPOAtroposTrainer
 
         print(f"AtroposTaskRunner on {socket.gethostname()}, PID {os.getpid()}")
         OmegaConf.resolve(config)
         self.add_actor_rollout_worker(config)
-        validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+        validate_config(
+            config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config)
+        )
         model_config = omega_conf_to_dataclass(config.actor_rollout_ref.model)
         trainer = RayGRPOAtroposTrainer(
             config=config,

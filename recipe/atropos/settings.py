@@ -1,12 +1,22 @@
-"""Typed settings under ``trainer.atropos`` (one place for every default).
+"""The typed config tree both processes read (one place for every default).
 
-Hydra builds :class:`AtroposConfig` from the YAML through ``_target_``; an unknown
-key or a value of the wrong type fails at start-up instead of deep in a run.
+* :class:`AtroposConfig`, ``trainer.atropos``: Hydra builds it through ``_target_`` for
+  the trainer; the launcher builds the same object from the same YAML.
+* :class:`ServicesConfig`, ``services``: what the launcher starts beside the trainer.
+* :func:`max_token_len` and :func:`registered_batch_size`: the sizes the trainer registers
+  with the API, which the launcher hands on to the environments.
+
+An unknown key or a value of the wrong type fails at start-up instead of deep in a run.
 """
 
-from dataclasses import dataclass
+from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import OmegaConf
 from verl.base_config import BaseConfig
+from verl.utils.config import omega_conf_to_dataclass
 
 
 @dataclass
@@ -35,6 +45,12 @@ class AtroposConfig(BaseConfig):
             ``policy_lag_exceeded``. -1: no bound. The launcher also caps each
             environment's queue (``env.max_batches_offpolicy``) to this plus one batch,
             so little is generated only to be rejected.
+        metrics_file: JSONL file of every step's metrics, written by verl's own file tracker
+            (one ``{"step": N, "data": {...}}`` per line); null: only ``trainer.logger``'s
+            backends. The launcher sets it to ``<run dir>/metrics.jsonl`` and reads it.
+        gateway_url_file: file the trainer writes the gateway's address into once it
+            listens (with ``gateway_port: 0``, the port it was given); null: none. The
+            launcher sets it to ``<run dir>/gateway_url`` and reads it.
     """
 
     api_url: str = "http://localhost:9001"
@@ -48,10 +64,23 @@ class AtroposConfig(BaseConfig):
     gateway_port: int = 8000
     check_weight_sync: bool = False
     max_policy_lag_steps: int = 1
+    metrics_file: str | None = None
+    gateway_url_file: str | None = None
 
     @property
     def gateway_url(self) -> str:
+        """The gateway's address as configured (with ``gateway_port: 0`` only the trainer knows the port)."""
         return f"http://{self.gateway_host}:{self.gateway_port}"
+
+    @property
+    def max_batches_offpolicy(self) -> int | None:
+        """How many batches an environment may queue ahead: no more than the bound lets train; None if unbounded."""
+        return None if self.max_policy_lag_steps < 0 else self.max_policy_lag_steps + 1
+
+    @classmethod
+    def from_run_config(cls, config) -> AtroposConfig:
+        """``trainer.atropos`` of a composed run config, as the trainer builds it."""
+        return omega_conf_to_dataclass(config.trainer.atropos, cls)
 
     def __post_init__(self):
         if not self.api_url.startswith(("http://", "https://")):
@@ -67,10 +96,77 @@ class AtroposConfig(BaseConfig):
             raise ValueError(f"trainer.atropos.gateway_port must be a port number, got {self.gateway_port}")
         if self.max_policy_lag_steps < -1:
             raise ValueError(
-                f"trainer.atropos.max_policy_lag_steps must be >= 0 (or -1 for no bound), got {self.max_policy_lag_steps}"
+                "trainer.atropos.max_policy_lag_steps must be >= 0 (or -1 for no bound), "
+                f"got {self.max_policy_lag_steps}"
             )
         if not 0 < self.backoff_initial_s <= self.backoff_max_s:
             raise ValueError(
                 "trainer.atropos.backoff_initial_s must be > 0 and <= trainer.atropos.backoff_max_s, "
                 f"got {self.backoff_initial_s} and {self.backoff_max_s}"
             )
+
+
+def max_token_len(config) -> int:
+    """The longest sequence the trainer registers with the API and accepts: prompt plus response."""
+    return config.data.max_prompt_length + config.data.max_response_length
+
+
+def registered_batch_size(config) -> int:
+    """Sequences per training step, as registered with the API: prompts x ``rollout.n``."""
+    return config.data.train_batch_size * config.actor_rollout_ref.rollout.n
+
+
+@dataclass
+class EnvServiceConfig:
+    """One Atropos environment the launcher starts (``services.envs[i]``).
+
+    Attributes:
+        name: the service's name in logs (default: the module's or script's last part).
+        module: ``python -m MODULE serve``.
+        script: or an Atropos checkout's script, relative to ``$ATROPOS_PATH``.
+        count: how many copies to run.
+        args: extra ``--env.*`` / ``--openai.*`` flags, over the ones the launcher wires.
+    """
+
+    name: str | None = None
+    module: str | None = None
+    script: str | None = None
+    count: int = 1
+    args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def service_name(self) -> str:
+        return self.name or (self.module or self.script or "env").rsplit(".", 1)[-1].rsplit("/", 1)[-1]
+
+
+@dataclass
+class ServicesConfig:
+    """``services``: what the launcher starts beside the trainer, and how patiently.
+
+    Attributes:
+        run_dir: one folder per run under this one, with a log per service.
+        startup_timeout_s: longest wait for a service's health check (minutes on a GPU).
+        status_interval_s: seconds between the status lines printed while training.
+        stop_grace_s: seconds a service gets to stop before what is left of it is killed.
+        envs: the environments.
+    """
+
+    run_dir: str = "outputs/services"
+    startup_timeout_s: float = 900.0
+    status_interval_s: float = 30.0
+    stop_grace_s: float = 20.0
+    envs: list[EnvServiceConfig] = field(default_factory=list)
+
+    @classmethod
+    def from_run_config(cls, config) -> ServicesConfig:
+        """``services`` of a composed run config, typed (interpolations resolved); defaults if absent."""
+        raw = config.get("services")
+        given = OmegaConf.create({} if raw is None else OmegaConf.to_container(raw, resolve=True))
+        typed = OmegaConf.merge(OmegaConf.structured(cls), given)
+        services = OmegaConf.to_object(typed)
+        for index, env in enumerate(services.envs):
+            if bool(env.module) == bool(env.script):
+                raise ValueError(f"services.envs[{index}] needs exactly one of 'module' or 'script'")
+            if env.count < 1:
+                raise ValueError(f"services.envs[{index}].count must be >= 1, got {env.count}")
+        return services

@@ -1,4 +1,4 @@
-"""A verl platform for machines without an accelerator (registered as ``cpu``).
+"""A verl platform for machines without an accelerator (registered as ``cpu`` by :mod:`.register`).
 
 verl 0.9.1 ships platforms for NVIDIA, Ascend and ROCm only, and falls back to
 CUDA when none is found. This one keeps every tensor on the CPU and every
@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 import torch
-from verl.plugin.platform import PlatformBase, PlatformRegistry
+from verl.plugin.platform import PlatformBase
 
 
 def _no_op(*args, **kwargs):
@@ -61,7 +61,6 @@ def _device_module() -> types.ModuleType:
 _DEVICE_MODULE = _device_module()
 
 
-@PlatformRegistry.register(platform="cpu")
 class PlatformCPU(PlatformBase):
     @property
     def device_name(self) -> str:

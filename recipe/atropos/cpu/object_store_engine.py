@@ -12,7 +12,7 @@ with nccl (abort, release kv cache, ``build_process_group``, ``update_weights``,
 How a sync goes:
 
 * ``prepare()`` on the master (actor rank 0) starts a mailbox
-  (:mod:`recipe.atropos.weights_mailbox`): a small named async Ray actor holding
+  (:mod:`recipe.atropos.cpu.weights_mailbox`): a small named async Ray actor holding
   nothing but object references. Its name travels in the metadata.
 * ``build_topology()`` makes actor rank 0 the one sender (rank 0), the other actor ranks
   bystanders (rank -1: they walk the weights generator, since producing each full
@@ -49,7 +49,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from verl.checkpoint_engine.base import CheckpointEngine, CheckpointEngineRegistry
 from verl.workers.rollout.utils import ensure_async_iterator
 
-from ..weights_mailbox import WeightsMailbox
+from .weights_mailbox import WeightsMailbox
 
 logger = logging.getLogger(__name__)
 

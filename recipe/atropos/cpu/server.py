@@ -78,7 +78,9 @@ class PolicyServer:
         # tied embeddings appear once in the actor's state dict; anything else missing is a real mismatch
         missing = [name for name in missing if name != "lm_head.weight" or not self.model.config.tie_word_embeddings]
         if missing or unexpected:
-            raise ValueError(f"weight update does not match the served model: missing {missing}, unexpected {unexpected}")
+            raise ValueError(
+                f"weight update does not match the served model: missing {missing}, unexpected {unexpected}"
+            )
         self.weight_version += 1
         self.global_steps = global_steps
         return {"weight_version": self.weight_version, "tensors": len(named_tensors)}
@@ -90,7 +92,9 @@ class PolicyServer:
         self._in_flight += 1
         self._drained.clear()
         try:
-            return await asyncio.to_thread(self._locked, sample, prompt_ids, stop_token_ids=self.stop_token_ids, **params)
+            return await asyncio.to_thread(
+                self._locked, sample, prompt_ids, stop_token_ids=self.stop_token_ids, **params
+            )
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
@@ -208,7 +212,8 @@ def _completion_logprobs(server: PolicyServer, s: Sample, as_token_id: bool) -> 
 def _prompt_logprobs_reply(server: PolicyServer, prompt_ids: list[int], scores: list[float | None]) -> list:
     reply: list = [None]
     for token, logprob in zip(prompt_ids[1:], scores[1:]):
-        reply.append({str(token): {"logprob": logprob, "rank": None, "decoded_token": server.tokenizer.decode([token])}})
+        decoded = server.tokenizer.decode([token])
+        reply.append({str(token): {"logprob": logprob, "rank": None, "decoded_token": decoded}})
     return reply
 
 
@@ -251,7 +256,12 @@ def build_app(server: PolicyServer) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        card = {"id": server.served_model_name, "object": "model", "owned_by": "atropos-verl", "max_model_len": server.max_model_len}
+        card = {
+            "id": server.served_model_name,
+            "object": "model",
+            "owned_by": "atropos-verl",
+            "max_model_len": server.max_model_len,
+        }
         return {"object": "list", "data": [card]}
 
     @app.post("/tokenize")
@@ -285,7 +295,9 @@ def build_app(server: PolicyServer) -> FastAPI:
                         "finish_reason": s.finish_reason,
                         "stop_reason": None,
                         "token_ids": s.token_ids if request.return_token_ids else None,
-                        "prompt_logprobs": None if scores is None else _prompt_logprobs_reply(server, prompt_ids, scores),
+                        "prompt_logprobs": (
+                            None if scores is None else _prompt_logprobs_reply(server, prompt_ids, scores)
+                        ),
                         "prompt_token_ids": prompt_ids if request.return_token_ids else None,
                     }
                 )
@@ -324,7 +336,14 @@ def build_app(server: PolicyServer) -> FastAPI:
         choices = []
         for index, s in enumerate(samples):
             logprobs = None if params.logprobs is None else _content_logprobs(server, s, True)
-            choices.append({"index": index, "logprobs": logprobs, "finish_reason": s.finish_reason, "token_ids": s.token_ids})
-        return {"request_id": uuid.uuid4().hex[:16], "choices": choices, "prompt_logprobs": None, "kv_transfer_params": None}
+            choices.append(
+                {"index": index, "logprobs": logprobs, "finish_reason": s.finish_reason, "token_ids": s.token_ids}
+            )
+        return {
+            "request_id": uuid.uuid4().hex[:16],
+            "choices": choices,
+            "prompt_logprobs": None,
+            "kv_transfer_params": None,
+        }
 
     return app

@@ -13,7 +13,7 @@ import os
 import torch.distributed
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
-from ..actor_worker import StandaloneRolloutActorWorker
+from ..trainer.actor_worker import StandaloneRolloutActorWorker
 
 
 def init_gloo_process_group() -> None:

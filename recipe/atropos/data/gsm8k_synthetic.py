@@ -19,10 +19,12 @@ def _step(rng: random.Random, name: str, thing: str, have: int) -> tuple[str, st
     kind = rng.choice(["gain", "lose", "times"] if have <= 12 else ["gain", "lose"])
     if kind == "gain":
         more = rng.randint(1, 20)
-        return f"{name} gets {more} more {thing}.", f"{have} + {more} = <<{have}+{more}={have + more}>>{have + more}", have + more
+        total = have + more
+        return f"{name} gets {more} more {thing}.", f"{have} + {more} = <<{have}+{more}={total}>>{total}", total
     if kind == "lose" and have > 1:
         less = rng.randint(1, have - 1)
-        return f"{name} gives away {less} {thing}.", f"{have} - {less} = <<{have}-{less}={have - less}>>{have - less}", have - less
+        left = have - less
+        return f"{name} gives away {less} {thing}.", f"{have} - {less} = <<{have}-{less}={left}>>{left}", left
     factor = rng.randint(2, 4)
     return (
         f"Then the number of {thing} {name} has becomes {factor} times as many.",

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,11 +25,10 @@ CONFIG = REPO / "recipe" / "atropos" / "config" / "atropos_grpo_cpu.yaml"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from recipe.atropos.launcher.metrics_file import read_step_metrics  # noqa: E402
+from tests.processes import free_port, start_service, wait_until  # noqa: E402
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -51,27 +47,43 @@ class LauncherRun:
 
     def __init__(self, assets, run_dir: Path, *overrides: str):
         self.run_dir = run_dir
-        self.process = subprocess.Popen(
+        self.service = start_service(
+            f"launcher-{run_dir.name}",
             [
                 sys.executable, str(LAUNCHER), "--config", str(CONFIG), "--run-dir", str(run_dir),
                 f"actor_rollout_ref.model.path={assets['model']}",
                 f"data.train_files={assets['train']}",
                 f"trainer.atropos.api_url=http://127.0.0.1:{free_port()}",
-                f"trainer.atropos.gateway_port={free_port()}",
+                # any free port: the trainer reports the one it bound, the launcher wires the environments to it
+                "trainer.atropos.gateway_port=0",
                 "services.status_interval_s=5",
                 *overrides,
             ],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            run_dir.parent,
         )
-        self.lines: list[str] = []
+        self.process = self.service.process
         self.started: dict[int, float] = {}  # pid -> create time, of every descendant seen
-        self._read = 0  # lines already matched against
-        self._reader = threading.Thread(target=self._read_console, daemon=True)
-        self._reader.start()
 
-    def _read_console(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
+    @property
+    def lines(self) -> list[str]:
+        return self.service.log_path.read_text(errors="replace").splitlines()
+
+    def steps(self) -> dict[int, dict[str, float]]:
+        """The trainer's metrics so far, from the run's metrics file."""
+        path = self.run_dir / "metrics.jsonl"
+        return read_step_metrics(path) if path.is_file() else {}
+
+    def wait_steps(self, count: int, timeout: float) -> None:
+        """Wait until the trainer has logged ``count`` steps, recording the launcher's processes meanwhile."""
+
+        def done() -> bool:
+            self._record_descendants()
+            return len(self.steps()) >= count
+
+        try:
+            wait_until(done, f"{count} training step(s)", timeout, watch=[self.service])
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nconsole:\n" + "\n".join(self.lines[-60:])) from None
 
     def _record_descendants(self) -> None:
         try:
@@ -83,29 +95,12 @@ class LauncherRun:
         except psutil.Error:
             pass
 
-    def read_until(self, pattern: str, timeout: float) -> str:
-        """Wait for a console line matching ``pattern``, recording the launcher's processes meanwhile."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._record_descendants()
-            while self._read < len(self.lines):
-                line = self.lines[self._read]
-                self._read += 1
-                if re.search(pattern, line):
-                    return line
-            if self.process.poll() is not None and not self._reader.is_alive():
-                break
-            time.sleep(0.2)
-        raise AssertionError(f"no line matching {pattern!r}; console:\n" + "\n".join(self.lines[-60:]))
-
     def finish(self, timeout: float = 300) -> int:
         deadline = time.monotonic() + timeout
         while self.process.poll() is None and time.monotonic() < deadline:
             self._record_descendants()
             time.sleep(0.2)
-        code = self.process.wait(timeout=max(1.0, deadline - time.monotonic()))
-        self._reader.join(timeout=10)
-        return code
+        return self.process.wait(timeout=max(1.0, deadline - time.monotonic()))
 
     @property
     def console(self) -> str:
@@ -130,8 +125,7 @@ class LauncherRun:
                     process.kill()
             except psutil.Error:
                 pass
-        if self.process.poll() is None:
-            self.process.kill()
+        self.service.stop(5)
 
 
 @pytest.fixture
@@ -150,35 +144,42 @@ def launch(assets, tmp_path):
 
 def test_launcher_trains_three_steps_with_two_environments(launch):
     run = launch("trainer.total_training_steps=3")
-    run.read_until(r"\[trainer\] step 3/3", timeout=420)
-    assert run.finish() == 0, run.console
+    assert run.finish(timeout=480) == 0, run.console
     assert "training finished; every service was stopped" in run.console
     for name in ("api", "trainer", "gsm8k_0", "gsm8k_answer_credit_0"):
         assert (run.run_dir / f"{name}.log").is_file()
-    steps = [line for line in run.lines if line.startswith("[trainer] step ")]
-    assert len(steps) == 3
+    # the gateway took a free port, and the environments were started on it
+    gateway = (run.run_dir / "gateway_url").read_text().strip()
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+", gateway) and not gateway.endswith(":0")
+    assert f"--openai.base_url {gateway}/v1" in run.console
+    # the launcher's step line for each step the trainer logged
+    assert len([line for line in run.lines if line.startswith("[trainer] step ")]) == 3
+
+    steps = run.steps()
+    assert sorted(steps) == [1, 2, 3]
     # the first batch cannot be stale: nothing older than the initial weights exists
-    assert "rejected 0" in steps[0], steps[0]
-    for line in steps:
-        assert re.search(r"score_mean \d", line), line
-        envs = re.findall(r"env \d+ \d", line)
-        if int(re.search(r"rejected (\d+)", line).group(1)) > 0:
+    assert steps[1]["atropos/groups_rejected"] == 0
+    for step, metrics in steps.items():
+        envs = {name for name in metrics if name.startswith("atropos/env/") and name.endswith("/score_mean")}
+        assert "atropos/score_mean" in metrics, step
+        if metrics["atropos/groups_rejected"] > 0:
             # groups over the staleness bound were left out; what trained still has its env's score
-            assert envs, line
+            assert envs, metrics
             continue
         # both environments (min_batch_allocation 0.5 each) in the batch, with their mean scores
-        assert len(envs) == 2, line
+        assert len(envs) == 2, metrics
         # the credit environment's token-level advantages were trained on: half the sequences
-        assert float(re.search(r"override_fraction ([\d.]+)", line).group(1)) == 0.5, line
+        assert metrics["atropos/override_fraction"] == 0.5, metrics
     assert run.alive() == []
 
 
 def test_an_environment_killed_mid_run_is_named_and_everything_stops(launch):
     run = launch("trainer.total_training_steps=200")
-    run.read_until(r"\[trainer\] step 1/", timeout=420)
+    run.wait_steps(1, timeout=420)
+    credit_env = "recipe.atropos.envs.gsm8k_answer_credit"
     victim = next(
         psutil.Process(pid) for pid in run.started
-        if psutil.pid_exists(pid) and "recipe.atropos.envs.gsm8k_answer_credit" in " ".join(psutil.Process(pid).cmdline())
+        if psutil.pid_exists(pid) and credit_env in " ".join(psutil.Process(pid).cmdline())
     )
     victim.kill()
     assert run.finish() == 1, run.console
@@ -188,7 +189,7 @@ def test_an_environment_killed_mid_run_is_named_and_everything_stops(launch):
 
 def test_ctrl_c_stops_everything_cleanly(launch):
     run = launch("trainer.total_training_steps=200")
-    run.read_until(r"\[trainer\] step 1/", timeout=420)
+    run.wait_steps(1, timeout=420)
     run.process.send_signal(signal.SIGINT)
     assert run.finish(timeout=120) == 0, run.console
     assert "stopped on SIGINT; every service was stopped" in run.console

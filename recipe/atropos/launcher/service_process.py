@@ -19,6 +19,14 @@ import httpx
 import psutil
 
 
+def answers(check: Callable[[], bool]) -> bool:
+    """Run a health check; a connection error or an unreadable answer means not (yet) ready."""
+    try:
+        return bool(check())
+    except (httpx.HTTPError, ValueError, KeyError, OSError):
+        return False
+
+
 @dataclass
 class Service:
     """A named command with its own log file and health check."""
@@ -52,12 +60,7 @@ class Service:
         return None if self.process is None else self.process.poll()
 
     def is_ready(self) -> bool:
-        if self.ready is None:
-            return True
-        try:
-            return bool(self.ready())
-        except (httpx.HTTPError, ValueError, KeyError):
-            return False
+        return self.ready is None or answers(self.ready)
 
     def last_lines(self, count: int = 20) -> str:
         try:

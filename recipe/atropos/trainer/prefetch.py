@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .batch import ConversionResult
-from .client import AtroposClient
+from .trajectory_client import AtroposClient
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +82,7 @@ class BatchPrefetcher:
                         fetch_s=converted_at - started,
                         convert_s=time.monotonic() - converted_at,
                     )
-                )
-                for rejection in result.rejections:
-                    logger.warning("%s", rejection)
+                )  # its rejections are logged once, by the step that shapes it
             except BaseException as exc:  # handed to the training thread, which raises it
                 self._ready.put(exc)
                 return

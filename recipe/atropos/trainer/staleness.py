@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..gateway.policy_versions import PolicyVersionLedger, group_lag
 from .batch import ENV_ID, GROUP_INDEX, NO_ENV_ID, ConversionResult, Rejection
-from .policy_versions import PolicyVersionLedger, group_lag
 
 POLICY_LAG_EXCEEDED = "policy_lag_exceeded"
 

@@ -6,7 +6,8 @@ What differs from verl's own loop, and why:
   scored groups (``GET /batch``), so ``trainer.total_training_steps`` must be set
   and ``data.val_files`` (optional) only drives verl's validation;
 * the next batch is fetched and converted in a background thread while the current
-  one trains (:mod:`.prefetch`);
+  one trains (:mod:`.prefetch`), then filtered for staleness and padded to the registered
+  size by one pipeline (:mod:`.batch_pipeline`) whose pad rows no metric counts;
 * advantages come from :func:`.advantages.apply_atropos_advantages` (GRPO merged with
   the environments' token-level advantages) instead of verl's ``compute_advantage``;
 * every group's policy lag is measured and bounded (:mod:`.staleness`);
@@ -22,8 +23,8 @@ its checkpoint-engine manager, metrics and trackers.
 from __future__ import annotations
 
 import logging
-import uuid
-from collections import Counter
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from omegaconf import OmegaConf, open_dict
 from torchdata.stateful_dataloader import StatefulDataLoader
 from verl import DataProto
 from verl.trainer.ppo.core_algos import agg_loss
-from verl.trainer.ppo.metric_utils import compute_data_metrics, compute_throughout_metrics, compute_timing_metrics
+from verl.trainer.ppo.metric_utils import compute_throughout_metrics, compute_timing_metrics
 from verl.trainer.ppo.ray_trainer import RayPPOTrainer, apply_kl_penalty
 from verl.trainer.ppo.utils import create_rl_dataset
 from verl.utils.config import omega_conf_to_dataclass
@@ -39,15 +40,14 @@ from verl.utils.debug import marked_timer
 from verl.utils.metric import reduce_metrics
 from verl.utils.tracking import Tracking
 
+from ..gateway.server import GatewayServer
+from ..settings import AtroposConfig, max_token_len, registered_batch_size
 from .advantages import apply_atropos_advantages
-from .batch import groups_to_dataproto
-from .client import AtroposClient, Registration
-from .gateway import GatewayServer
-from .settings import AtroposConfig
-from .sync_check import max_logprob_gap, replica_prompt_logprobs
-from .metrics import atropos_metrics
+from .batch_pipeline import IS_PAD, ShapedBatch, convert_groups, shape_batch
+from .metrics import atropos_metrics, data_metrics
 from .prefetch import BatchPrefetcher
-from .staleness import bound_policy_lag
+from .sync_check import max_logprob_gap, replica_prompt_logprobs
+from .trajectory_client import AtroposClient, Registration
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +72,11 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
     """GRPO on batches from the Atropos trajectory API; see the module docstring."""
 
     def __init__(self, config, tokenizer, role_worker_mapping, resource_pool_manager, **kwargs):
-        self.atropos: AtroposConfig = omega_conf_to_dataclass(config.trainer.atropos, AtroposConfig)
+        self.atropos = AtroposConfig.from_run_config(config)
         self.gateway: GatewayServer | None = None
         self._fixed_probe: tuple[list[int], int] | None = None  # see _weight_sync_gap
         self.policy_version = 0  # the step the replicas' weights were last synced after
-        self._rejected_before = Counter()  # rejections of batches that had no group left to train
+        self._untrained: ShapedBatch | None = None  # batches since the last trained step, none of it trainable
         self.disaggregated = not config.actor_rollout_ref.hybrid_engine
         if not self.disaggregated:
             super().__init__(config, tokenizer, role_worker_mapping, resource_pool_manager, **kwargs)
@@ -109,6 +109,13 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         # fit() syncs the actor's weights
         self.gateway.pause()
         print(f"inference gateway listening on {self.gateway.url}", flush=True)
+        if self.atropos.gateway_url_file:
+            # written whole, then renamed: a reader never sees half an address
+            target = Path(os.path.expanduser(self.atropos.gateway_url_file))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".partial")
+            partial.write_text(self.gateway.url + "\n")
+            partial.replace(target)
 
     def _init_standalone_layout(self):
         """The actor (with its reference policy) on the trainer's GPUs, the replicas on their own.
@@ -156,7 +163,9 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         self.train_dataset = None
         self.train_dataloader = _NoTrainData(steps)
         if val_dataset is None and self.config.data.get("val_files"):
-            val_dataset = create_rl_dataset(self.config.data.val_files, self.config.data, self.tokenizer, self.processor)
+            val_dataset = create_rl_dataset(
+                self.config.data.val_files, self.config.data, self.tokenizer, self.processor
+            )
         self.val_dataset = val_dataset
         self.val_dataloader = None
         if val_dataset is not None:
@@ -176,13 +185,18 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
     @property
     def max_token_len(self) -> int:
         """The longest sequence registered with the API and accepted by the converter."""
-        return self.config.data.max_prompt_length + self.config.data.max_response_length
+        return max_token_len(self.config)
+
+    @property
+    def registered_batch_size(self) -> int:
+        """Sequences per step, as registered with the API; a trained batch is a multiple of it."""
+        return registered_batch_size(self.config)
 
     def registration(self) -> Registration:
         """What the trainer registers with the API: sizes in sequences, and the step it resumed from."""
-        trainer, data = self.config.trainer, self.config.data
+        trainer = self.config.trainer
         return Registration(
-            batch_size=data.train_batch_size * self.config.actor_rollout_ref.rollout.n,
+            batch_size=self.registered_batch_size,
             max_token_len=self.max_token_len,
             num_steps=self.total_training_steps,
             starting_step=self.global_steps,
@@ -194,7 +208,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
 
     def _convert(self, groups: list[dict]):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        return groups_to_dataproto(
+        return convert_groups(
             groups,
             max_token_len=self.max_token_len,
             pad_token_id=pad,
@@ -203,13 +217,25 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
 
     # -- the loop --------------------------------------------------------------------
 
-    def fit(self):
-        tracker = Tracking(
+    def _tracker(self) -> Tracking:
+        """verl's trackers of ``trainer.logger``, plus its file tracker on ``trainer.atropos.metrics_file``."""
+        backends = list(self.config.trainer.logger)
+        if self.atropos.metrics_file:
+            path = Path(os.path.expanduser(self.atropos.metrics_file))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # verl's FileLogger takes its path from this variable only
+            os.environ["VERL_FILE_LOGGER_PATH"] = str(path)
+            if "file" not in backends:
+                backends.append("file")
+        return Tracking(
             project_name=self.config.trainer.project_name,
             experiment_name=self.config.trainer.experiment_name,
-            default_backend=self.config.trainer.logger,
+            default_backend=backends,
             config=OmegaConf.to_container(self.config, resolve=True),
         )
+
+    def fit(self):
+        tracker = self._tracker()
         self.global_steps = 0
         self._load_checkpoint()
         self._sync_weights()
@@ -242,20 +268,27 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         with marked_timer("step", timing_raw):
             with marked_timer("gen", timing_raw):
                 prefetched, waited = prefetcher.get()
-            # the actor trains from the weights it last synced to the replicas
-            result, lag_metrics = bound_policy_lag(
-                prefetched.result, self.gateway.ledger, self.policy_version, self.atropos.max_policy_lag_steps
+            carried = self._untrained
+            shaped = shape_batch(
+                prefetched.result,
+                ledger=self.gateway.ledger,
+                # the actor trains from the weights it last synced to the replicas
+                actor_version=self.policy_version,
+                max_policy_lag_steps=self.atropos.max_policy_lag_steps,
+                unit=self.registered_batch_size,
+                carried=carried,
             )
-            for rejection in result.rejections[len(prefetched.result.rejections) :]:
+            for rejection in shaped.rejections[len(carried.rejections) if carried else 0 :]:
                 logger.warning("%s", rejection)
-            if result.data is None:
+            if shaped.data is None:
                 logger.warning("step %d: every group of the batch was rejected; fetching another", self.global_steps)
-                self._rejected_before.update(result.rejected_by_reason)
+                self._untrained = shaped
                 prefetcher.request(1)
                 return None
+            self._untrained = None
             if self.global_steps + 1 <= self.total_training_steps:
                 prefetcher.request(1)  # the batch after the next one, fetched while this one trains
-            batch = self._prepare_batch(result.data, metrics)
+            batch = self._prepare_batch(shaped.data, metrics)
             if not self.disaggregated:
                 with marked_timer("pause_rollout", timing_raw):
                     # environments wait at the gateway while the replicas sleep, train and take new weights
@@ -276,17 +309,12 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             metrics.update(self._weight_sync_gap(batch))
         self._maybe_validate(metrics, timing_raw)
 
-        metrics.update(atropos_metrics(result, batch_wait_s=waited))
-        metrics.update(lag_metrics)
-        # groups of wholly rejected batches are reported with the step that trained next
-        for reason, count in self._rejected_before.items():
-            metrics["atropos/groups_rejected"] += count
-            metrics[f"atropos/rejected/{reason}"] = metrics.get(f"atropos/rejected/{reason}", 0.0) + count
-        self._rejected_before.clear()
+        # from the batch the actor updated on; groups of wholly rejected batches count with this step
+        metrics.update(atropos_metrics(shaped, batch, batch_wait_s=waited))
         metrics["atropos/fetch_s"] = prefetched.fetch_s
         metrics["atropos/convert_s"] = prefetched.convert_s
         metrics["training/global_step"] = self.global_steps
-        metrics.update(compute_data_metrics(batch=batch, use_critic=False))
+        metrics.update(data_metrics(batch))
         metrics.update(compute_timing_metrics(batch=batch, timing_raw=timing_raw))
         n_gpus = self.resource_pool_manager.get_n_gpus()
         if self.disaggregated:
@@ -313,7 +341,6 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         self.gateway.resume(self.policy_version)
 
     def _prepare_batch(self, batch: DataProto, metrics: dict) -> DataProto:
-        batch = self._pad_to_registered_size(batch)
         batch.meta_info["temperature"] = self.config.actor_rollout_ref.rollout.temperature
         batch.meta_info["global_steps"] = self.global_steps
         if self.config.trainer.balance_batch:
@@ -321,24 +348,6 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         batch.meta_info["global_token_num"] = torch.sum(batch.batch["attention_mask"], dim=-1).tolist()
         batch.meta_info["images_seqlens"] = []
         return batch
-
-    def _pad_to_registered_size(self, batch: DataProto) -> DataProto:
-        """Rejected groups can leave a batch smaller than the one verl's settings were checked for.
-
-        verl splits a batch over DP ranks, mini-batches and micro-batches assuming
-        ``data.train_batch_size x rollout.n`` sequences (or a multiple), so pad up to
-        that with copies whose loss mask is empty, each its own GRPO group: they change
-        neither the loss nor any real group's mean and std.
-        """
-        unit = self.config.data.train_batch_size * self.config.actor_rollout_ref.rollout.n
-        missing = -len(batch) % unit
-        if missing == 0:
-            return batch
-        pad = batch.select_idxs(np.arange(missing) % len(batch))
-        pad.batch["response_mask"] = torch.zeros_like(pad.batch["response_mask"])
-        pad.batch["token_level_scores"] = torch.zeros_like(pad.batch["token_level_scores"])
-        pad.non_tensor_batch["uid"] = np.array([f"pad-{uuid.uuid4()}" for _ in range(missing)], dtype=object)
-        return DataProto.concat([batch, pad])
 
     def _old_log_probs(self, batch: DataProto, metrics: dict, timing_raw: dict) -> DataProto:
         """Recompute old log-probs, or take the environments' inference log-probs where asked."""
@@ -373,7 +382,8 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         else:
             batch.batch["token_level_rewards"] = batch.batch["token_level_scores"]
         rollout_corr = algorithm.get("rollout_correction", None)
-        if rollout_corr is not None and "rollout_log_probs" in batch.batch.keys() and not rollout_corr.get("bypass_mode"):
+        has_rollout_log_probs = "rollout_log_probs" in batch.batch.keys()
+        if rollout_corr is not None and has_rollout_log_probs and not rollout_corr.get("bypass_mode"):
             from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch
 
             batch, is_metrics = compute_rollout_correction_and_add_to_batch(batch, rollout_corr)
@@ -385,14 +395,15 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         )
 
     def _weight_sync_gap(self, batch: DataProto) -> dict:
-        """Actor vs replica log-probs of the batch's first sequence, on its trained positions.
+        """Actor vs replica log-probs of the batch's first real sequence, on its trained positions.
 
         Also the replicas' mean log-prob of one fixed sequence (the first step's probe):
         it changes from step to step only if the replicas' weights do.
         """
         # the whole batch goes through the actor: its micro-batching needs the batch's size
-        actor_logprobs = self._compute_old_log_prob(batch)[0].batch["old_log_probs"][0]
-        probe = batch.select_idxs(np.array([0]))
+        first_real = int(torch.nonzero(~batch.batch[IS_PAD])[0])
+        actor_logprobs = self._compute_old_log_prob(batch)[0].batch["old_log_probs"][first_real]
+        probe = batch.select_idxs(np.array([first_real]))
         token_ids = probe.batch["input_ids"][0][probe.batch["attention_mask"][0].bool()].tolist()
         prompt_len = int(probe.batch["attention_mask"][0, : probe.batch["prompts"].shape[1]].sum())
         trained = torch.nonzero(probe.batch["response_mask"][0]).flatten().tolist()

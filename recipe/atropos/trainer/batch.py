@@ -192,7 +192,9 @@ def _validate_group(group: Any, max_token_len: int, require_advantages: bool) ->
     for i in range(size):
         seq_overrides = overrides[i] if overrides is not None else None
         if seq_overrides is not None and not isinstance(seq_overrides, dict):
-            raise _Rejected(MALFORMED, f"sequence {i}: an override must be an object, got {type(seq_overrides).__name__}")
+            raise _Rejected(
+                MALFORMED, f"sequence {i}: an override must be an object, got {type(seq_overrides).__name__}"
+            )
         sequences.append(
             _validate_sequence(
                 i,
@@ -252,7 +254,9 @@ def _validate_sequence(
     if len(mask_row) != length:
         raise _Rejected(MASKS_LENGTH_MISMATCH, f"sequence {i}: {length} tokens but {len(mask_row)} mask entries")
     if length > max_token_len:
-        raise _Rejected(TOO_LONG, f"sequence {i}: {length} tokens, more than the registered max_token_len={max_token_len}")
+        raise _Rejected(
+            TOO_LONG, f"sequence {i}: {length} tokens, more than the registered max_token_len={max_token_len}"
+        )
     trained = mask_row != IGNORE_MASK
     wrong = trained & (mask_row != token_row)
     if wrong.any():

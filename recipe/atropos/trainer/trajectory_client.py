@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from .settings import AtroposConfig
+from ..settings import AtroposConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """The mailbox of the ``object_store`` checkpoint engine (``recipe/atropos/cpu/object_store_engine.py``).
 
 A small async Ray actor, one per weight sync, that hands the buckets' object
-references from the sender to every receiver, in order. It lives outside
-``recipe.atropos.cpu`` because its process imports its module: that package pulls
-in verl and torch (seconds), this module only asyncio, so a mailbox starts in a
+references from the sender to every receiver, in order. Its process imports this
+module and its package, and neither imports anything but asyncio (``cpu/__init__``
+registers nothing: that is ``cpu/register.py``'s job), so a mailbox starts in a
 fraction of a second on every sync.
 """
 

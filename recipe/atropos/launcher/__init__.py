@@ -1,0 +1,1 @@
+"""The launcher process: starts the trajectory API, the trainer and the environments from one YAML."""

@@ -1,0 +1,321 @@
+"""Start every service of a run from one YAML, watch them, and stop exactly what was started.
+
+    python recipe/atropos/launch_atropos_verl_services.py --config recipe/atropos/config/atropos_grpo_cpu.yaml
+    python recipe/atropos/launch_atropos_verl_services.py --config FILE.yaml trainer.total_training_steps=20
+    python recipe/atropos/launch_atropos_verl_services.py --config FILE.yaml --dry-run
+
+In order, each checked with a real request before the next starts:
+
+1. the Atropos trajectory API (``run-api`` on ``trainer.atropos.api_url``) - ``GET /status``;
+2. the trainer (``python -m recipe.atropos.main_atropos`` with the same YAML and overrides),
+   which brings up the inference replicas and the gateway, writes the gateway's address to
+   ``<run dir>/gateway_url`` (with ``trainer.atropos.gateway_port=0``, the port it got) -
+   ``GET {gateway}/health``; on a GPU this takes minutes (vLLM start-up), so the wait is
+   ``services.startup_timeout_s`` and progress is printed;
+3. the environments of ``services.envs``, on that gateway - each registered with the API.
+
+The launcher reads the same typed config as the trainer (:mod:`recipe.atropos.settings`).
+One log per service goes into the run directory, and the trainer's metrics into
+``<run dir>/metrics.jsonl`` (verl's file tracker). While training runs the launcher
+prints each step's mean environment score from that file and a status line per service. On the
+trainer's normal end, on Ctrl-C, or when any service dies, it stops the processes
+it started (each service is a session of its own: that session and nothing else),
+names a service that died with its last log lines, and exits non-zero on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+from hydra import compose, initialize_config_dir
+
+from ..settings import AtroposConfig, EnvServiceConfig, ServicesConfig, max_token_len
+from .metrics_file import MetricsFollower, summary
+from .service_process import Service
+
+
+def load_config(config_file: Path, overrides: list[str]):
+    if not config_file.is_file():
+        raise SystemExit(f"--config {config_file}: no such file")
+    with initialize_config_dir(config_dir=str(config_file.parent.resolve()), version_base=None):
+        return compose(config_name=config_file.stem, overrides=overrides)
+
+
+# How many API batches an environment may fill per training step (see env_command).
+ENV_STEPS_PER_TRAINER_STEP = 10
+
+
+def env_command(spec: EnvServiceConfig, index: int, config, atropos: AtroposConfig, gateway_url: str) -> list[str]:
+    """``python -m MODULE serve`` (or an Atropos checkout's script) wired to this run's API and gateway."""
+    if spec.module:
+        entry = ["-m", spec.module]
+    elif spec.script:
+        script = Path(os.path.expanduser(spec.script))
+        if not script.is_absolute():
+            base = os.environ.get("ATROPOS_PATH")
+            script = Path(base) / script if base else script
+        if not script.is_file():
+            raise SystemExit(
+                f"services.envs[{index}].script {spec.script}: not found at {script}"
+                + ("" if os.environ.get("ATROPOS_PATH") else "; set ATROPOS_PATH to your Atropos checkout")
+            )
+        entry = [str(script)]
+    else:
+        raise SystemExit(f"services.envs[{index}] needs 'module' or 'script'")
+    model = os.path.expanduser(config.actor_rollout_ref.model.path)
+    use_wandb = "wandb" in list(config.trainer.logger)
+    args = {
+        "env.rollout_server_url": atropos.api_url.rstrip("/"),
+        "env.tokenizer_name": model,
+        "env.group_size": config.actor_rollout_ref.rollout.n,
+        "env.max_token_length": max_token_len(config),
+        # The API counts every batch it forms, and a batch the trainer rejects (stale, malformed)
+        # does not train: environments that stopped at the trainer's step count would leave it
+        # waiting. They keep going instead, and the launcher stops them when the trainer is done.
+        "env.total_steps": ENV_STEPS_PER_TRAINER_STEP * config.trainer.total_training_steps,
+        "env.use_wandb": str(use_wandb).lower(),
+        "openai.base_url": f"{gateway_url}/v1",
+        "openai.server_type": "vllm",
+        "openai.model_name": model,
+        "openai.tokenizer_name": model,
+        "openai.api_key": "none",
+    }
+    if atropos.max_batches_offpolicy is not None:
+        # queue no more batches than the trainer may still train within the staleness bound
+        args["env.max_batches_offpolicy"] = atropos.max_batches_offpolicy
+    args.update(spec.args)
+    command = [sys.executable, *entry, "serve"]
+    for key, value in args.items():
+        command += [f"--{key}", str(value)]
+    return command
+
+
+def registered_envs(api_url: str, expected: int) -> int:
+    """How many of the first ``expected`` environment ids the API knows."""
+    count = 0
+    for env_id in range(expected):
+        response = httpx.request("GET", f"{api_url}/status-env", json={"env_id": env_id}, timeout=5)
+        if response.status_code != 200:
+            break
+        count += 1
+    return count
+
+
+def _absolute(path) -> Path:
+    return Path(os.path.expanduser(str(path))).resolve()
+
+
+class Launcher:
+    def __init__(self, config_file: Path, overrides: list[str], run_dir: Path | None = None):
+        self.config = load_config(config_file, overrides)
+        try:
+            self.atropos = AtroposConfig.from_run_config(self.config)
+            self.settings = ServicesConfig.from_run_config(self.config)
+        except Exception as exc:  # a typo or a bad value: name it before anything starts
+            raise SystemExit(f"--config {config_file}: {exc}") from exc
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.run_dir = run_dir or Path(os.path.expanduser(self.settings.run_dir)) / stamp
+        self.api_url = self.atropos.api_url.rstrip("/")
+        # where the trainer reports its gateway's address and writes its metrics
+        # (absolute: the trainer runs in other working directories, Hydra's and Ray's)
+        self.gateway_url_file = _absolute(self.atropos.gateway_url_file or self.run_dir / "gateway_url")
+        self.metrics_file = _absolute(self.atropos.metrics_file or self.run_dir / "metrics.jsonl")
+        self.gateway_url: str | None = None  # known once the trainer has bound it
+        self.total_steps = self.config.trainer.total_training_steps
+        self.services = self._services(config_file, overrides)
+        self._stopping = None
+
+    def _services(self, config_file: Path, overrides: list[str]) -> list[Service]:
+        """The API and the trainer; the environments follow once the gateway's address is known."""
+        api = urlparse(self.api_url)
+        # "localhost" is bound as 127.0.0.1: the API never listens beyond this machine unless configured to
+        host = "127.0.0.1" if api.hostname == "localhost" else api.hostname
+        port = api.port or 80
+        return [
+            Service(
+                "api",
+                [sys.executable, "-m", "atroposlib.cli.run_api", "--host", host, "--port", str(port)],
+                self.run_dir / "api.log",
+                ready=lambda: httpx.get(f"{self.api_url}/status", timeout=5).status_code == 200,
+            ),
+            Service(
+                "trainer",
+                [
+                    sys.executable, "-m", "recipe.atropos.main_atropos",
+                    "--config-path", str(config_file.parent.resolve()), "--config-name", config_file.stem,
+                    *overrides,
+                    f"trainer.atropos.gateway_url_file={self.gateway_url_file}",
+                    f"trainer.atropos.metrics_file={self.metrics_file}",
+                    f"hydra.run.dir={self.run_dir / 'hydra'}",
+                ],
+                self.run_dir / "trainer.log",
+                ready=self._gateway_answers,
+                # the trainer is Ray's driver: SIGINT lets it shut its Ray cluster down
+                stop_signal=signal.SIGINT,
+            ),
+        ]
+
+    def env_services(self, gateway_url: str) -> list[Service]:
+        """One service per copy of each ``services.envs`` entry, wired to this run's API and ``gateway_url``."""
+        services = []
+        for index, spec in enumerate(self.settings.envs):
+            command = env_command(spec, index, self.config, self.atropos, gateway_url)
+            for copy in range(spec.count):
+                name = f"{spec.service_name}_{copy}"
+                services.append(Service(name, command, self.run_dir / f"{name}.log"))
+        return services
+
+    def _gateway_answers(self) -> bool:
+        """The trainer has reported its gateway's address and the gateway answers there."""
+        if self.gateway_url is None:
+            if not self.gateway_url_file.is_file():
+                return False
+            self.gateway_url = self.gateway_url_file.read_text().strip()
+        return httpx.get(f"{self.gateway_url}/health", timeout=5).status_code == 200
+
+    # -- running ---------------------------------------------------------------------
+
+    def dry_run(self) -> None:
+        print(f"run directory: {self.run_dir}")
+        # with gateway_port 0 the port is the trainer's to pick: shown as 0 here
+        for service in self.services + self.env_services(self.atropos.gateway_url):
+            print(f"[{service.name}] {shlex.join(service.command)}")
+
+    def run(self) -> int:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        print(f"[launcher] logs in {self.run_dir}", flush=True)
+        try:
+            failure = self._start_all() or self._watch()
+        finally:
+            self._stop_all()
+        if self._stopping is not None and failure is None:
+            print(f"[launcher] stopped on {signal.Signals(self._stopping).name}; every service was stopped", flush=True)
+            return 0
+        if failure:
+            print(f"[launcher] FAILED: {failure}", flush=True)
+            return 1
+        print("[launcher] training finished; every service was stopped", flush=True)
+        return 0
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stopping = signum
+
+    def _start_all(self) -> str | None:
+        self.gateway_url_file.unlink(missing_ok=True)  # an address left by an earlier run is no answer
+        for service in list(self.services):
+            print(f"[launcher] starting {service.name}: {shlex.join(service.command)}", flush=True)
+            service.start()
+            failure = self._wait_ready(service.name, service.is_ready)
+            if failure or self._stopping is not None:
+                return failure
+        print(f"[launcher] the trainer's gateway is {self.gateway_url}", flush=True)
+        envs = self.env_services(self.gateway_url)
+        for service in envs:
+            print(f"[launcher] starting {service.name}: {shlex.join(service.command)}", flush=True)
+            self.services.append(service)
+            service.start()
+        if envs:
+            return self._wait_ready(
+                f"{len(envs)} environment(s) registered with the API",
+                lambda: registered_envs(self.api_url, len(envs)) == len(envs),
+            )
+        return None
+
+    def _wait_ready(self, what: str, ready) -> str | None:
+        started = time.monotonic()
+        last_note = started
+        while not ready():
+            if self._stopping is not None:
+                return None
+            dead = self._dead_service()
+            if dead:
+                return dead
+            now = time.monotonic()
+            if now - started > self.settings.startup_timeout_s:
+                return f"{what} not ready after {self.settings.startup_timeout_s:.0f} s (services.startup_timeout_s)"
+            if now - last_note >= 15:
+                print(f"[launcher] waiting for {what}: {now - started:.0f} s", flush=True)
+                last_note = now
+            time.sleep(0.5)
+        print(f"[launcher] {what} ready after {time.monotonic() - started:.1f} s", flush=True)
+        return None
+
+    def _dead_service(self) -> str | None:
+        """A service that stopped when it should not have, with its last log lines."""
+        for service in self.services:
+            code = service.exit_code()
+            # an environment ends by itself (exit 0) once the API has formed its last batch
+            if code is None or (code == 0 and service.name not in ("api", "trainer")):
+                continue
+            return f"{service.name} exited with {code}; its last log lines:\n{service.last_lines()}"
+        return None
+
+    def _watch(self) -> str | None:
+        trainer = next(s for s in self.services if s.name == "trainer")
+        steps, last_status = MetricsFollower(self.metrics_file), time.monotonic()
+        while self._stopping is None:
+            self._echo_steps(steps)
+            code = trainer.exit_code()
+            if code is not None:
+                self._echo_steps(steps)
+                if code == 0:
+                    return None
+                return f"trainer exited with {code}; its last log lines:\n{trainer.last_lines(40)}"
+            dead = self._dead_service()
+            if dead:
+                return dead
+            if time.monotonic() - last_status >= self.settings.status_interval_s:
+                print(self._status_line(), flush=True)
+                last_status = time.monotonic()
+            time.sleep(0.5)
+        return None
+
+    def _echo_steps(self, steps: MetricsFollower) -> None:
+        for step, metrics in sorted(steps.new_steps().items()):
+            print(f"[trainer] {summary(step, metrics, total_steps=self.total_steps)}", flush=True)
+
+    def _status_line(self) -> str:
+        parts = []
+        try:
+            status = httpx.get(f"{self.api_url}/status", timeout=5).json()
+            parts.append(f"api: step {status['current_step']}, {status['queue_size']} groups queued")
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            parts.append(f"api: no answer ({type(exc).__name__})")
+        for service in self.services[1:]:
+            code = service.exit_code()
+            state = "running" if code is None else "finished" if code == 0 else f"exited {code}"
+            parts.append(f"{service.name}: {state}")
+        return "[status] " + " | ".join(parts)
+
+    def _stop_all(self) -> None:
+        for service in reversed(self.services):
+            if service.process is not None:
+                service.stop(self.settings.stop_grace_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, type=Path, help="the run's YAML (a Hydra config)")
+    parser.add_argument("--run-dir", type=Path, help="folder for the logs (default: services.run_dir/<time>)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, as for the trainer")
+    args = parser.parse_args(argv)
+    launcher = Launcher(args.config, args.overrides, args.run_dir)
+    if args.dry_run:
+        launcher.dry_run()
+        return 0
+    return launcher.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
