@@ -104,6 +104,8 @@ def test_launcher_wires_envs_to_this_runs_api_gateway_and_sizes(tmp_path):
     # the queue an environment keeps matches the staleness bound (1), and it outlasts stale batches
     assert flags["--env.max_batches_offpolicy"] == "2"
     assert flags["--env.total_steps"] == str(10 * 3)
+    # a whole batch of groups may be in flight at once (atroposlib's default is 8 per server)
+    assert flags["--env.max_num_workers"] == str(launcher.config.data.train_batch_size)
 
 
 def test_a_stock_env_script_is_found_under_atropos_path(tmp_path, monkeypatch):

