@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from verl.utils.config import omega_conf_to_dataclass
 
 from recipe.atropos.launcher.launch import Launcher, env_command
@@ -46,6 +47,19 @@ def test_cpu_config():
     assert config.actor_rollout_ref.model.lora_rank == 8
     assert [env.module for env in config.services.envs] == [
         "recipe.atropos.envs.gsm8k", "recipe.atropos.envs.gsm8k_answer_credit"]
+
+
+def test_qwen05b_learning_configs_differ_only_in_their_environment():
+    plain, credit = load("atropos_grpo_qwen05b_gpu"), load("atropos_grpo_qwen05b_credit_gpu")
+    for config in (plain, credit):
+        check_config(config)
+        assert config.actor_rollout_ref.rollout.name == "vllm"
+        assert ServicesConfig.from_run_config(config).envs[0].args["env.max_new_tokens"] == 448
+    assert [env.module for env in plain.services.envs] == ["recipe.atropos.envs.gsm8k"]
+    assert [env.module for env in credit.services.envs] == ["recipe.atropos.envs.gsm8k_answer_credit"]
+    for key in ("data", "actor_rollout_ref.model", "actor_rollout_ref.actor", "algorithm"):
+        assert OmegaConf.select(plain, key) == OmegaConf.select(credit, key), key
+    assert plain.actor_rollout_ref.rollout.n == credit.actor_rollout_ref.rollout.n == 8
 
 
 def test_a_typo_in_trainer_atropos_fails_at_start_up():
