@@ -9,7 +9,9 @@ One scored group is one GRPO group (one ``uid``). Per sequence:
   attended to but not trained);
 * the score sits on the last trained token of ``token_level_scores``;
 * Atropos ``advantages`` and ``inference_logprobs`` (both aligned to the full
-  token sequence) are cut to the response.
+  token sequence) are cut to the response;
+* an optional field sent as ``null`` or as an empty list is absent (atroposlib's default
+  ``collect_trajectories`` sends ``[]`` for every optional field no item carried).
 
 Every group is validated first. A bad group is rejected with a named reason and
 counted; the converter never raises on bad data, so one broken environment
@@ -214,8 +216,13 @@ def _validate_group(group: Any, max_token_len: int, require_advantages: bool) ->
 
 
 def _optional_per_sequence(group: dict, key: str, size: int, reason: str) -> list | None:
+    """A per-sequence field, or None where the group does not carry it.
+
+    atroposlib's default ``BaseEnv.collect_trajectories`` starts every optional field as ``[]``
+    and appends only what its items carry, so ``[]`` is how a stock environment says "absent".
+    """
     value = group.get(key)
-    if value is None:
+    if value is None or (isinstance(value, list) and not value):
         return None
     if not isinstance(value, list):
         raise _Rejected(MALFORMED, f"'{key}' must be a list, got {type(value).__name__}")
