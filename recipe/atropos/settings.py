@@ -51,6 +51,10 @@ class AtroposConfig(BaseConfig):
         gateway_url_file: file the trainer writes the gateway's address into once it
             listens (with ``gateway_port: 0``, the port it was given); null: none. The
             launcher sets it to ``<run dir>/gateway_url`` and reads it.
+        batches_file: JSONL file with one line per batch the trainer fetched: its groups and
+            rejections by environment and reason, and whether it trained; null: none. The
+            launcher sets it to ``<run dir>/batches.jsonl`` and reads it to name an environment
+            whose every group is rejected.
     """
 
     api_url: str = "http://localhost:9001"
@@ -66,6 +70,7 @@ class AtroposConfig(BaseConfig):
     max_policy_lag_steps: int = 1
     metrics_file: str | None = None
     gateway_url_file: str | None = None
+    batches_file: str | None = None
 
     @property
     def gateway_url(self) -> str:
@@ -125,6 +130,9 @@ class EnvServiceConfig:
         module: ``python -m MODULE serve``.
         script: or an Atropos checkout's script, relative to ``$ATROPOS_PATH``.
         count: how many copies to run.
+        python: the interpreter that runs it (default: the launcher's own). An environment is a
+            process of its own that speaks HTTP, so it may run in another virtual environment,
+            e.g. one with the transformers 4 / gymnasium an older environment was written for.
         args: extra ``--env.*`` / ``--openai.*`` flags, over the ones the launcher wires.
     """
 
@@ -132,6 +140,7 @@ class EnvServiceConfig:
     module: str | None = None
     script: str | None = None
     count: int = 1
+    python: str | None = None
     args: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -148,6 +157,11 @@ class ServicesConfig:
         startup_timeout_s: longest wait for a service's health check (minutes on a GPU).
         status_interval_s: seconds between the status lines printed while training.
         stop_grace_s: seconds a service gets to stop before what is left of it is killed.
+        first_step_timeout_s: once the environments are registered, the longest wait for the
+            first trained step; past it the launcher stops the run and names, per environment,
+            what it saw (0: wait for ever, up to ``trainer.atropos.timeout``).
+        max_rejected_batches: stop the run after this many batches in a row of which every
+            group was rejected, naming the environments and reasons (0: never).
         envs: the environments.
     """
 
@@ -155,6 +169,8 @@ class ServicesConfig:
     startup_timeout_s: float = 900.0
     status_interval_s: float = 30.0
     stop_grace_s: float = 20.0
+    first_step_timeout_s: float = 240.0
+    max_rejected_batches: int = 3
     envs: list[EnvServiceConfig] = field(default_factory=list)
 
     @classmethod
@@ -169,4 +185,8 @@ class ServicesConfig:
                 raise ValueError(f"services.envs[{index}] needs exactly one of 'module' or 'script'")
             if env.count < 1:
                 raise ValueError(f"services.envs[{index}].count must be >= 1, got {env.count}")
+        if services.first_step_timeout_s < 0:
+            raise ValueError(f"services.first_step_timeout_s must be >= 0, got {services.first_step_timeout_s}")
+        if services.max_rejected_batches < 0:
+            raise ValueError(f"services.max_rejected_batches must be >= 0, got {services.max_rejected_batches}")
         return services

@@ -18,6 +18,11 @@ instead of failing against a sleeping engine.
 ``resume`` also names the policy version the replicas now hold, and ``/generate``
 records which version sampled each sequence it returns (:mod:`.policy_versions`):
 the trainer reads it back to measure and bound how stale a batch is.
+
+A ``max_tokens`` that would overflow the replica's context (its ``max_model_len``, from
+``/v1/models``) is lowered to fit (:mod:`.context_fit`); ``GET /stats`` counts every request
+by client (the API key an environment sends), route and status code, and those clamps
+(:mod:`.request_stats`).
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
+from .context_fit import fit_to_context, token_prompt_length, tokenize_request
 from .policy_versions import PolicyVersionLedger
+from .request_stats import CountRequests, RequestStats
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +111,8 @@ class Gateway:
         self._drained.set()
         self._http: httpx.AsyncClient | None = None
         self._served_model: dict[str, str] = {}
+        self._context_len: dict[str, int | None] = {}
+        self.stats = RequestStats()
 
     # -- pause / resume, from the trainer ---------------------------------------------
 
@@ -141,6 +150,7 @@ class Gateway:
         try:
             # environments name the model as they please; each replica serves exactly one
             body = {**body, "model": await self._model_of(replica)}
+            body = await self._fit_to_context(replica, path, body)
             response = await self._client().post(f"{replica}{path}", json=body)
         except httpx.TransportError as exc:
             raise HTTPException(502, f"replica {replica} did not answer {path}: {type(exc).__name__}: {exc}") from exc
@@ -156,8 +166,32 @@ class Gateway:
         if replica not in self._served_model:
             response = await self._client().get(f"{replica}/v1/models", timeout=30)
             response.raise_for_status()
-            self._served_model[replica] = response.json()["data"][0]["id"]
+            card = response.json()["data"][0]
+            self._served_model[replica] = card["id"]
+            # vLLM and the CPU replica both name their context here
+            self._context_len[replica] = card.get("max_model_len")
         return self._served_model[replica]
+
+    async def _fit_to_context(self, replica: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``body`` with a ``max_tokens`` that overflows the replica's context lowered to fit (counted)."""
+        context_len = self._context_len.get(replica)
+        if not context_len:
+            return body
+        prompt_tokens = token_prompt_length(path, body)
+        if prompt_tokens is None:
+            counting = tokenize_request(path, body)
+            if counting is None:
+                return body
+            response = await self._client().post(f"{replica}/tokenize", json={**counting, "model": body["model"]})
+            if response.status_code != 200:
+                return body  # the replica will say what is wrong with the prompt itself
+            prompt_tokens = int(response.json()["count"])
+        fitted = fit_to_context(path, body, prompt_tokens, context_len)
+        if fitted is None:
+            return body
+        self.stats.count_clamp()
+        logger.debug("max_tokens lowered to fit %d prompt tokens in the context of %d", prompt_tokens, context_len)
+        return fitted
 
     async def replica_health(self) -> dict[str, dict]:
         """Each replica's own ``/health``: ``{"ok": bool, ...its reply, or "error"}``."""
@@ -186,6 +220,11 @@ class Gateway:
 
 def build_app(gateway: Gateway) -> FastAPI:
     app = FastAPI(title="atropos-verl inference gateway")
+    app.add_middleware(CountRequests, stats=gateway.stats)
+
+    @app.get("/stats")
+    async def stats():
+        return gateway.stats.snapshot()
 
     @app.get("/health")
     async def health():

@@ -39,6 +39,7 @@ from hydra import compose, initialize_config_dir
 
 from ..settings import AtroposConfig, EnvServiceConfig, ServicesConfig, max_token_len
 from .metrics_file import MetricsFollower, summary
+from .progress_watch import ProgressWatch, env_views, gateway_stats, read_batches, stall_report
 from .service_process import Service
 
 
@@ -53,10 +54,28 @@ def load_config(config_file: Path, overrides: list[str]):
 ENV_STEPS_PER_TRAINER_STEP = 10
 
 
-def env_command(spec: EnvServiceConfig, index: int, config, atropos: AtroposConfig, gateway_url: str) -> list[str]:
-    """``python -m MODULE serve`` (or an Atropos checkout's script) wired to this run's API and gateway."""
+# Runs each environment unmodified, wires its server config whatever form config_init returns, and
+# writes a status file (env_id, groups posted, errors atroposlib swallowed): see env_runner.py.
+ENV_RUNNER = Path(__file__).with_name("env_runner.py")
+
+
+def env_command(
+    spec: EnvServiceConfig,
+    index: int,
+    config,
+    atropos: AtroposConfig,
+    gateway_url: str,
+    *,
+    name: str | None = None,
+    status_file: Path | None = None,
+) -> list[str]:
+    """The environment (``--module`` or an Atropos checkout's ``--script``) under the env runner, wired to this run.
+
+    ``name`` (a copy's service name) becomes the API key it sends, so the gateway counts its
+    requests apart from the other environments'.
+    """
     if spec.module:
-        entry = ["-m", spec.module]
+        entry = ["--module", spec.module]
     elif spec.script:
         script = Path(os.path.expanduser(spec.script))
         if not script.is_absolute():
@@ -67,9 +86,10 @@ def env_command(spec: EnvServiceConfig, index: int, config, atropos: AtroposConf
                 f"services.envs[{index}].script {spec.script}: not found at {script}"
                 + ("" if os.environ.get("ATROPOS_PATH") else "; set ATROPOS_PATH to your Atropos checkout")
             )
-        entry = [str(script)]
+        entry = ["--script", str(script)]
     else:
         raise SystemExit(f"services.envs[{index}] needs 'module' or 'script'")
+    python = env_interpreter(spec, index)
     model = os.path.expanduser(config.actor_rollout_ref.model.path)
     use_wandb = "wandb" in list(config.trainer.logger)
     args = {
@@ -89,16 +109,33 @@ def env_command(spec: EnvServiceConfig, index: int, config, atropos: AtroposConf
         "openai.server_type": "vllm",
         "openai.model_name": model,
         "openai.tokenizer_name": model,
-        "openai.api_key": "none",
+        # the gateway needs no key; it counts each environment's requests by the one it sends
+        "openai.api_key": name or spec.service_name,
     }
     if atropos.max_batches_offpolicy is not None:
         # queue no more batches than the trainer may still train within the staleness bound
         args["env.max_batches_offpolicy"] = atropos.max_batches_offpolicy
     args.update(spec.args)
-    command = [sys.executable, *entry, "serve"]
+    command = [python, str(ENV_RUNNER), *entry]
+    if status_file is not None:
+        command += ["--status-file", str(status_file)]
+    command.append("serve")
     for key, value in args.items():
         command += [f"--{key}", str(value)]
     return command
+
+
+def env_interpreter(spec: EnvServiceConfig, index: int) -> str:
+    """``services.envs[i].python`` (checked to exist), or the launcher's own interpreter."""
+    if not spec.python:
+        return sys.executable
+    python = Path(os.path.expanduser(spec.python))
+    if not (python.is_file() and os.access(python, os.X_OK)):
+        raise SystemExit(
+            f"services.envs[{index}].python {spec.python}: no executable interpreter at {python}; "
+            "see 'An interpreter per environment' in docs/atropos_integration.rst"
+        )
+    return str(python)
 
 
 def registered_envs(api_url: str, expected: int) -> int:
@@ -131,10 +168,16 @@ class Launcher:
         # (absolute: the trainer runs in other working directories, Hydra's and Ray's)
         self.gateway_url_file = _absolute(self.atropos.gateway_url_file or self.run_dir / "gateway_url")
         self.metrics_file = _absolute(self.atropos.metrics_file or self.run_dir / "metrics.jsonl")
+        self.batches_file = _absolute(self.atropos.batches_file or self.run_dir / "batches.jsonl")
         self.gateway_url: str | None = None  # known once the trainer has bound it
         self.total_steps = self.config.trainer.total_training_steps
         self.services = self._services(config_file, overrides)
         self._stopping = None
+        self.steps_trained = 0
+        self._envs_registered_at: float | None = None
+        self.progress = ProgressWatch(
+            self.settings.first_step_timeout_s, self.settings.max_rejected_batches, self.batches_file
+        )
 
     def _services(self, config_file: Path, overrides: list[str]) -> list[Service]:
         """The API and the trainer; the environments follow once the gateway's address is known."""
@@ -157,6 +200,7 @@ class Launcher:
                     *overrides,
                     f"trainer.atropos.gateway_url_file={self.gateway_url_file}",
                     f"trainer.atropos.metrics_file={self.metrics_file}",
+                    f"trainer.atropos.batches_file={self.batches_file}",
                     f"hydra.run.dir={self.run_dir / 'hydra'}",
                 ],
                 self.run_dir / "trainer.log",
@@ -170,11 +214,18 @@ class Launcher:
         """One service per copy of each ``services.envs`` entry, wired to this run's API and ``gateway_url``."""
         services = []
         for index, spec in enumerate(self.settings.envs):
-            command = env_command(spec, index, self.config, self.atropos, gateway_url)
             for copy in range(spec.count):
                 name = f"{spec.service_name}_{copy}"
+                command = env_command(
+                    spec, index, self.config, self.atropos, gateway_url,
+                    name=name, status_file=self.env_status_file(name),
+                )
                 services.append(Service(name, command, self.run_dir / f"{name}.log"))
         return services
+
+    def env_status_file(self, name: str) -> Path:
+        """Where the env runner of service ``name`` writes its status (env_id, groups posted, errors)."""
+        return _absolute(self.run_dir / f"{name}.status.json")
 
     def _gateway_answers(self) -> bool:
         """The trainer has reported its gateway's address and the gateway answers there."""
@@ -228,10 +279,12 @@ class Launcher:
             self.services.append(service)
             service.start()
         if envs:
-            return self._wait_ready(
+            failure = self._wait_ready(
                 f"{len(envs)} environment(s) registered with the API",
                 lambda: registered_envs(self.api_url, len(envs)) == len(envs),
             )
+            self._envs_registered_at = time.monotonic()
+            return failure
         return None
 
     def _wait_ready(self, what: str, ready) -> str | None:
@@ -277,14 +330,31 @@ class Launcher:
             dead = self._dead_service()
             if dead:
                 return dead
+            stalled = self._stalled()
+            if stalled:
+                return stalled
             if time.monotonic() - last_status >= self.settings.status_interval_s:
                 print(self._status_line(), flush=True)
                 last_status = time.monotonic()
             time.sleep(0.5)
         return None
 
+    def _stalled(self) -> str | None:
+        """A report naming each environment's part, once the run has clearly stopped making progress."""
+        if self._envs_registered_at is None:
+            return None
+        cause = self.progress.stall_cause(time.monotonic() - self._envs_registered_at, self.steps_trained)
+        return None if cause is None else self.stall_report(cause)
+
+    def stall_report(self, cause: str) -> str:
+        names = [s.name for s in self.services if s.name not in ("api", "trainer")]
+        stats = gateway_stats(self.gateway_url)
+        views = env_views(names, {n: self.env_status_file(n) for n in names}, stats, read_batches(self.batches_file))
+        return stall_report(cause, views, stats)
+
     def _echo_steps(self, steps: MetricsFollower) -> None:
         for step, metrics in sorted(steps.new_steps().items()):
+            self.steps_trained += 1
             print(f"[trainer] {summary(step, metrics, total_steps=self.total_steps)}", flush=True)
 
     def _status_line(self) -> str:

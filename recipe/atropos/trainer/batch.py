@@ -99,6 +99,8 @@ class ConversionResult:
     data: DataProto | None
     num_groups: int
     rejections: list[Rejection] = field(default_factory=list)
+    # the env_id of every group fetched, in order (None where a group names none)
+    env_ids: list[int | None] = field(default_factory=list)
 
     @property
     def rejected_by_reason(self) -> Counter:
@@ -148,8 +150,10 @@ def groups_to_dataproto(
     """
     valid: list[tuple[int, _Group]] = []
     rejections: list[Rejection] = []
+    env_ids: list[int | None] = []
     for index, group in enumerate(groups):
         env_id = group.get("env_id") if isinstance(group, dict) else None
+        env_ids.append(env_id if isinstance(env_id, int) else None)
         try:
             valid.append((index, _validate_group(group, max_token_len, require_advantages)))
         except _Rejected as exc:
@@ -157,7 +161,7 @@ def groups_to_dataproto(
         except (TypeError, ValueError, OverflowError, AttributeError) as exc:
             rejections.append(Rejection(index, env_id, MALFORMED, f"{type(exc).__name__}: {exc}"))
     data = _collate(valid, pad_token_id) if valid else None
-    return ConversionResult(data=data, num_groups=len(groups), rejections=rejections)
+    return ConversionResult(data=data, num_groups=len(groups), rejections=rejections, env_ids=env_ids)
 
 
 def _validate_group(group: Any, max_token_len: int, require_advantages: bool) -> _Group:

@@ -43,6 +43,7 @@ from verl.utils.tracking import Tracking
 from ..gateway.server import GatewayServer
 from ..settings import AtroposConfig, max_token_len, registered_batch_size
 from .advantages import apply_atropos_advantages
+from .batch_log import BatchLog
 from .batch_pipeline import IS_PAD, ShapedBatch, convert_groups, shape_batch
 from .metrics import atropos_metrics, data_metrics
 from .prefetch import BatchPrefetcher
@@ -77,6 +78,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         self._fixed_probe: tuple[list[int], int] | None = None  # see _weight_sync_gap
         self.policy_version = 0  # the step the replicas' weights were last synced after
         self._untrained: ShapedBatch | None = None  # batches since the last trained step, none of it trainable
+        self._batch_log = BatchLog(self.atropos.batches_file)  # every fetched batch's groups and rejections
         self.disaggregated = not config.actor_rollout_ref.hybrid_engine
         if not self.disaggregated:
             super().__init__(config, tokenizer, role_worker_mapping, resource_pool_manager, **kwargs)
@@ -278,8 +280,12 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
                 unit=self.registered_batch_size,
                 carried=carried,
             )
-            for rejection in shaped.rejections[len(carried.rejections) if carried else 0 :]:
+            new_rejections = shaped.rejections[len(carried.rejections) if carried else 0 :]
+            for rejection in new_rejections:
                 logger.warning("%s", rejection)
+            self._batch_log.write(
+                self.global_steps, prefetched.result.env_ids, new_rejections, trained=shaped.data is not None
+            )
             if shaped.data is None:
                 logger.warning("step %d: every group of the batch was rejected; fetching another", self.global_steps)
                 self._untrained = shaped

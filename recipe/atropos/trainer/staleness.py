@@ -89,4 +89,7 @@ def bound_policy_lag(
         kept = data.select_idxs(torch.tensor(sorted(keep_rows)))
     else:
         kept = None
-    return ConversionResult(data=kept, num_groups=result.num_groups, rejections=rejections), metrics
+    kept_result = ConversionResult(
+        data=kept, num_groups=result.num_groups, rejections=rejections, env_ids=result.env_ids
+    )
+    return kept_result, metrics
