@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from verl.utils.config import omega_conf_to_dataclass
 
-from recipe.atropos.launcher.launch import Launcher, env_command
+from recipe.atropos.launcher.launch import ENV_RUNNER, Launcher, env_command
 from recipe.atropos.main_atropos import check_config
 from recipe.atropos.settings import AtroposConfig, EnvServiceConfig, ServicesConfig
 
@@ -105,11 +106,17 @@ def test_launcher_wires_envs_to_this_runs_api_gateway_and_sizes(tmp_path):
     # the trainer reports the gateway it bound and writes its metrics into the run directory
     assert f"trainer.atropos.gateway_url_file={(tmp_path / 'gateway_url').resolve()}" in trainer.command
     assert f"trainer.atropos.metrics_file={(tmp_path / 'metrics.jsonl').resolve()}" in trainer.command
+    assert f"trainer.atropos.batches_file={(tmp_path / 'batches.jsonl').resolve()}" in trainer.command
     # the environments start on the address the trainer reported
     envs = launcher.env_services("http://127.0.0.1:8555")
     assert [s.name for s in envs] == ["gsm8k_0", "gsm8k_answer_credit_0"]
     env = envs[0]
-    flags = dict(zip(env.command[4::2], env.command[5::2]))
+    # the env runner runs the module, writing its status file into the run directory
+    assert env.command[1:7] == [str(ENV_RUNNER), "--module", "recipe.atropos.envs.gsm8k",
+                                "--status-file", str((tmp_path / "gsm8k_0.status.json").resolve()), "serve"]
+    flags = dict(zip(env.command[7::2], env.command[8::2]))
+    # each copy sends its own service name as its API key: the gateway counts its requests by it
+    assert flags["--openai.api_key"] == "gsm8k_0"
     assert flags["--env.rollout_server_url"] == "http://localhost:9555"
     assert flags["--openai.base_url"] == "http://127.0.0.1:8555/v1"
     assert flags["--env.group_size"] == "4"
@@ -131,7 +138,7 @@ def test_a_stock_env_script_is_found_under_atropos_path(tmp_path, monkeypatch):
     atropos = AtroposConfig.from_run_config(config)
     spec = EnvServiceConfig(script="environments/gsm8k_server.py")
     command = env_command(spec, 0, config, atropos, "http://g")
-    assert command[1:3] == [str(script), "serve"]
+    assert command[:5] == [sys.executable, str(ENV_RUNNER), "--script", str(script), "serve"]
     monkeypatch.delenv("ATROPOS_PATH")
     with pytest.raises(SystemExit, match="set ATROPOS_PATH"):
         env_command(spec, 0, config, atropos, "http://g")
@@ -163,3 +170,23 @@ def test_the_services_config_is_typed_and_its_defaults_live_in_one_place():
 def test_a_bad_services_key_fails_at_start_up_naming_it(override, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
         Launcher(CONFIG_DIR / "atropos_grpo_cpu.yaml", [override], tmp_path)
+
+
+def test_an_environment_runs_with_the_interpreter_it_names(tmp_path):
+    config = load("atropos_grpo_cpu")
+    atropos = AtroposConfig.from_run_config(config)
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.symlink_to(sys.executable)
+    spec = EnvServiceConfig(module="recipe.atropos.envs.gsm8k", python=str(python))
+    assert env_command(spec, 0, config, atropos, "http://g")[0] == str(python)
+    spec = EnvServiceConfig(module="recipe.atropos.envs.gsm8k", python=str(tmp_path / "nowhere" / "python"))
+    with pytest.raises(SystemExit, match=r"services.envs\[3\].python .*: no executable interpreter"):
+        env_command(spec, 3, config, atropos, "http://g")
+
+
+def test_the_upstream_service_files_compose(tmp_path):
+    for services in ("upstream_blackjack", "upstream_gsm8k"):
+        settings = ServicesConfig.from_run_config(load("atropos_grpo_cpu", [f"services={services}"]))
+        assert [env.script.startswith("environments/") for env in settings.envs] == [True]
+        assert (settings.first_step_timeout_s, settings.max_rejected_batches) == (240, 3)

@@ -10,6 +10,7 @@ about 0.2 M parameters) runs a training step on a laptop core in well under a se
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import torch
@@ -60,11 +61,29 @@ def make_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden_size: i
     return Qwen2ForCausalLM(config)
 
 
+def readable_by_transformers_4(config_path: str) -> None:
+    """Name the tokenizer as transformers 4 and 5 both load it.
+
+    transformers 5 saves ``tokenizer_class: TokenizersBackend`` and a list of
+    ``extra_special_tokens``, which transformers 4 cannot load; an environment running in an
+    interpreter of its own with transformers 4 (``services.envs[].python``) loads this tokenizer too.
+    """
+    with open(config_path) as handle:
+        config = json.load(handle)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = config.pop("extra_special_tokens", None)
+    if isinstance(extra, list):
+        config["additional_special_tokens"] = extra
+    with open(config_path, "w") as handle:
+        json.dump(config, handle, indent=2)
+
+
 def write_tiny_model(out: str, seed: int = 0) -> str:
     out = os.path.expanduser(out)
     os.makedirs(out, exist_ok=True)
     tokenizer = make_tokenizer()
     tokenizer.save_pretrained(out)
+    readable_by_transformers_4(os.path.join(out, "tokenizer_config.json"))
     model = make_model(tokenizer, seed=seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
