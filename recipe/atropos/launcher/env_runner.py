@@ -39,7 +39,10 @@ class StatusFile:
 
     def __init__(self, path: str | None):
         self.path = path
-        self.state = {"env_id": None, "groups_posted": 0, "errors_logged": 0, "last_error": None, "pid": os.getpid()}
+        self.state = {
+            "env_id": None, "groups_posted": 0, "errors_logged": 0, "last_error": None,
+            "warnings_logged": 0, "last_warning": None, "pid": os.getpid(),
+        }
         self._lock = threading.Lock()
         self._written_at = 0.0
 
@@ -72,18 +75,25 @@ class StatusFile:
 
 
 class ErrorCounter(logging.Handler):
-    """Counts ERROR records from any logger (atroposlib logs and swallows the errors of its loop)."""
+    """Counts WARNING and ERROR records from any logger.
+
+    atroposlib logs and swallows the errors of its loop, and drops groups with only a warning
+    ("Scores are the same in a group, skipping...").
+    """
 
     def __init__(self, status: StatusFile):
-        super().__init__(level=logging.ERROR)
+        super().__init__(level=logging.WARNING)
         self.status = status
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             message = record.getMessage()
-        except Exception:  # a record whose arguments do not format is still an error
+        except Exception:  # a record whose arguments do not format is still counted
             message = str(record.msg)
-        self.status.add("errors_logged", last_error=message[:500])
+        if record.levelno >= logging.ERROR:
+            self.status.add("errors_logged", last_error=message[:500])
+        else:
+            self.status.add("warnings_logged", last_warning=message[:500])
 
 
 def as_server_list(servers, where: str):

@@ -31,6 +31,8 @@ class EnvView:
     groups_posted: int | None = None
     errors_logged: int = 0
     last_error: str | None = None
+    warnings_logged: int = 0
+    last_warning: str | None = None
     requests: dict[str, int] = field(default_factory=dict)  # "POST /generate 200" -> count
     clamped: int = 0  # requests whose max_tokens the gateway cut to fit the context
     groups_fetched: int = 0
@@ -53,6 +55,8 @@ class EnvView:
             parts.append(f"rejected: {reasons} (e.g. {self.example})")
         if self.errors_logged:
             parts.append(f"errors the environment logged: {self.errors_logged}, the last: {self.last_error}")
+        if self.warnings_logged:
+            parts.append(f"warnings it logged: {self.warnings_logged}, the last: {self.last_warning}")
         return "; ".join(parts)
 
 
@@ -109,6 +113,8 @@ def env_views(names: list[str], status_files: dict[str, Path], stats: dict, batc
             groups_posted=status.get("groups_posted"),
             errors_logged=status.get("errors_logged", 0),
             last_error=status.get("last_error"),
+            warnings_logged=status.get("warnings_logged", 0),
+            last_warning=status.get("last_warning"),
             requests=dict(stats.get("requests", {}).get(name, {})),
             clamped=int(stats.get("max_tokens_clamped", {}).get(name, 0)),
         )
