@@ -87,7 +87,8 @@ def test_launcher_wires_envs_to_this_runs_api_gateway_and_sizes(tmp_path):
     names = [s.name for s in launcher.services]
     assert names == ["api", "trainer", "gsm8k_0", "gsm8k_answer_credit_0"]
     api, trainer, env = launcher.services[:3]
-    assert api.command[-4:] == ["--host", "127.0.0.1", "--port", "9555"]
+    at = api.command.index("--host")
+    assert api.command[at : at + 4] == ["--host", "127.0.0.1", "--port", "9555"]
     assert "--config-name" in trainer.command and "trainer.atropos.gateway_port=8555" in trainer.command
     flags = dict(zip(env.command[4::2], env.command[5::2]))
     assert flags["--env.rollout_server_url"] == "http://localhost:9555"

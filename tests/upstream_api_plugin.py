@@ -45,7 +45,7 @@ def pytest_configure(config):
 
     def request(self, method, url, *args, **kwargs):
         if isinstance(url, str) and url.startswith(UPSTREAM_URL):
-            url = target + url[len(UPSTREAM_URL):]
+            url = target + url[len(UPSTREAM_URL) :]
         return original_request(self, method, url, *args, **kwargs)
 
     requests.Session.request = request

@@ -6,7 +6,9 @@
 
 In order, each checked with a real request before the next starts:
 
-1. the Atropos trajectory API (``run-api`` on ``trainer.atropos.api_url``) - ``GET /status``;
+1. the trajectory API on ``trainer.atropos.api_url`` - ``GET /status``: this project's
+   ``recipe.atropos.api`` (durable queue in the run directory), or Atropos's ``run-api``
+   with ``services.api: run-api``;
 2. the trainer (``python -m recipe.atropos.main_atropos`` with the same YAML and overrides),
    which brings up the inference replicas and the gateway - ``GET {gateway}/health``; on a
    GPU this takes minutes (vLLM start-up), so the wait is ``services.startup_timeout_s``
@@ -23,6 +25,7 @@ names a service that died with its last log lines, and exits non-zero on failure
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import signal
@@ -99,6 +102,30 @@ def env_command(spec, index: int, config, api_url: str, gateway_url: str) -> lis
     return command
 
 
+# The trajectory APIs the launcher can start (services.api).
+API_SERVERS = ("recipe.atropos.api", "run-api")
+
+
+def api_command(server: str, host: str, port: int, run_dir: Path, model_path: str) -> list[str]:
+    """The command of the trajectory API: ``recipe.atropos.api`` (default) or Atropos's ``run-api``.
+
+    ``recipe.atropos.api`` keeps its queue in ``run_dir/api.sqlite3`` (restarting it with the
+    same command loses nothing) and refuses token ids beyond the model's vocabulary.
+    """
+    if server == "run-api":
+        return [sys.executable, "-m", "atroposlib.cli.run_api", "--host", host, "--port", str(port)]
+    if server != "recipe.atropos.api":
+        raise SystemExit(f"services.api must be one of {', '.join(API_SERVERS)}; got {server!r}")
+    command = [sys.executable, "-m", "recipe.atropos.api", "--host", host, "--port", str(port)]
+    command += ["--db", str(run_dir / "api.sqlite3")]
+    model_config = Path(os.path.expanduser(model_path)) / "config.json"
+    if model_config.is_file():
+        vocab_size = json.loads(model_config.read_text()).get("vocab_size")
+        if isinstance(vocab_size, int) and vocab_size > 0:
+            command += ["--vocab-size", str(vocab_size)]
+    return command
+
+
 def registered_envs(api_url: str, expected: int) -> int:
     """How many of the first ``expected`` environment ids the API knows."""
     count = 0
@@ -134,7 +161,13 @@ class Launcher:
         services = [
             Service(
                 "api",
-                [sys.executable, "-m", "atroposlib.cli.run_api", "--host", host, "--port", str(port)],
+                api_command(
+                    settings.get("api", "recipe.atropos.api"),
+                    host,
+                    port,
+                    self.run_dir,
+                    self.config.actor_rollout_ref.model.path,
+                ),
                 self.run_dir / "api.log",
                 ready=lambda: httpx.get(f"{self.api_url}/status", timeout=5).status_code == 200,
             ),

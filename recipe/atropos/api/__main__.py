@@ -42,17 +42,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=9001, help="port to bind (default 9001)")
     parser.add_argument(
-        "--db", type=Path, default=Path("atropos_api.sqlite3"),
+        "--db",
+        type=Path,
+        default=Path("atropos_api.sqlite3"),
         help="SQLite file holding the queue, the step and the registrations; reopened as it was after a restart "
         "(default ./atropos_api.sqlite3)",
     )
     parser.add_argument("--fresh", action="store_true", help="forget whatever --db holds and start empty")
     parser.add_argument(
-        "--token-file", type=Path,
+        "--token-file",
+        type=Path,
         help=f"file holding a shared token every request must present (else ${TOKEN_ENV}; neither: no token)",
     )
     parser.add_argument(
-        "--vocab-size", type=int,
+        "--vocab-size",
+        type=int,
         help="refuse groups with token ids >= this (the model's vocabulary); /register may also send vocab_size",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -66,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     if not is_loopback(args.host) and token is None:
         logger.warning(
             "binding %s without a token: anyone who can reach this port can read and write the queue; "
-            "set %s or --token-file", args.host, TOKEN_ENV,
+            "set %s or --token-file",
+            args.host,
+            TOKEN_ENV,
         )
     store = Store(args.db)
     if args.fresh:
@@ -76,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     if store.get("registration") is not None or queued or buffered:
         logger.info(
             "resuming from %s: step %d, %d groups queued, %d buffered, %d environments",
-            args.db, store.get("step", 0), queued, buffered, len(store.envs()),
+            args.db,
+            store.get("step", 0),
+            queued,
+            buffered,
+            len(store.envs()),
         )
     app = create_app(store, token=token, vocab_size=args.vocab_size)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -171,8 +171,9 @@ class TrajectoryAPI:
         return answers, refusals
 
     def _count_refusal(self, env_id: int | None, refusal: Refusal) -> None:
-        logger.warning("refused a group from env %s: %s: %s (%s)", env_key(env_id), refusal.field, refusal.reason,
-                       refusal.detail)
+        logger.warning(
+            "refused a group from env %s: %s: %s (%s)", env_key(env_id), refusal.field, refusal.reason, refusal.detail
+        )
         self.store.bump(env_key(env_id), f"refused/{refusal.reason}")
 
     def count_malformed(self, env_id: Any) -> None:
@@ -315,7 +316,10 @@ def create_app(store: Store, token: str | None = None, vocab_size: int | None = 
     @app.get("/info")
     async def info():
         registration = api.registration or {}
-        return {"batch_size": registration.get("batch_size", -1), "max_token_len": registration.get("max_token_len", -1)}
+        return {
+            "batch_size": registration.get("batch_size", -1),
+            "max_token_len": registration.get("max_token_len", -1),
+        }
 
     @app.get("/batch")
     async def batch():

@@ -118,9 +118,9 @@ def _form_with_minimums(
     if total_minimum > batch_size:
         # shrink every minimum in proportion, but to no less than one of the env's groups
         scale = batch_size / total_minimum
-        for env_id in minimums:
+        for env_id, wanted in list(minimums.items()):
             smallest = min(group.size for group in packable_by_env[env_id])
-            minimums[env_id] = max(smallest, int(minimums[env_id] * scale))
+            minimums[env_id] = max(smallest, int(wanted * scale))
 
     taken: set[int] = set()
     batch: list[QueuedGroup] = []

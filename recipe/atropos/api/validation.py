@@ -76,7 +76,9 @@ def check_group(group: dict[str, Any], vocab_size: int | None = None) -> Refusal
             return Refusal(key, reason, f"{len(rows)} entries of '{key}' for {size} sequences")
     for i, (mask, token_row) in enumerate(zip(group["masks"], tokens)):
         if len(mask) != len(token_row):
-            return Refusal(f"masks[{i}]", MASKS_LENGTH_MISMATCH, f"{len(mask)} mask entries for {len(token_row)} tokens")
+            return Refusal(
+                f"masks[{i}]", MASKS_LENGTH_MISMATCH, f"{len(mask)} mask entries for {len(token_row)} tokens"
+            )
     for i, row in enumerate(tokens):
         for j, token in enumerate(row):
             if token < 0 or (vocab_size is not None and token >= vocab_size):
