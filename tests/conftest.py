@@ -1,4 +1,4 @@
-"""Shared fixtures: a real Atropos trajectory API (``run-api``) on a free loopback port."""
+"""Shared fixtures: a real trajectory API (``recipe.atropos.api`` and Atropos's ``run-api``) on a free loopback port."""
 
 from __future__ import annotations
 
@@ -40,13 +40,24 @@ class TrajectoryAPI:
         return answer["env_id"]
 
 
-@pytest.fixture
-def trajectory_api(tmp_path):
-    """A fresh ``run-api`` process per test (its state lives in memory), stopped by PID."""
+# The trajectory APIs the client tests run against: the project's own, and Atropos's.
+API_SERVERS = {
+    "recipe.atropos.api": lambda port, db: [
+        sys.executable, "-m", "recipe.atropos.api", "--host", "127.0.0.1", "--port", str(port), "--db", str(db)
+    ],
+    "run-api": lambda port, db: [
+        sys.executable, "-m", "atroposlib.cli.run_api", "--host", "127.0.0.1", "--port", str(port)
+    ],
+}
+
+
+@pytest.fixture(params=list(API_SERVERS))
+def trajectory_api(request, tmp_path):
+    """A fresh API process per test (an empty queue), each of API_SERVERS in turn, stopped by PID."""
     port = free_port()
-    log = open(tmp_path / "run-api.log", "w")
+    log = open(tmp_path / "api.log", "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "atroposlib.cli.run_api", "--host", "127.0.0.1", "--port", str(port)],
+        API_SERVERS[request.param](port, tmp_path / "api.sqlite3"),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -54,7 +65,7 @@ def trajectory_api(tmp_path):
     deadline = time.monotonic() + 60
     while True:
         if process.poll() is not None:
-            raise RuntimeError(f"run-api exited with {process.returncode}: {(tmp_path / 'run-api.log').read_text()}")
+            raise RuntimeError(f"{request.param} exited with {process.returncode}: {(tmp_path / 'api.log').read_text()}")
         try:
             if httpx.get(f"{url}/", timeout=1).status_code == 200:
                 break
@@ -62,7 +73,7 @@ def trajectory_api(tmp_path):
             pass
         if time.monotonic() > deadline:
             process.kill()
-            raise RuntimeError(f"run-api did not answer on {url} within 60 s")
+            raise RuntimeError(f"{request.param} did not answer on {url} within 60 s")
         time.sleep(0.1)
     try:
         yield TrajectoryAPI(url=url, process=process)
