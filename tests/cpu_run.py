@@ -1,6 +1,7 @@
 """Helpers for the end-to-end CPU tests: real processes on loopback, stopped by PID.
 
-A :class:`CPURun` starts what a user would: the trajectory API (``run-api``), the
+A :class:`CPURun` starts what a user would: the trajectory API (``recipe.atropos.api``,
+or Atropos's ``run-api``), the
 trainer (``python -m recipe.atropos.main_atropos --config-name atropos_grpo_cpu``)
 and, when asked, an Atropos environment (``python -m recipe.atropos.envs.... serve``),
 each in its own process group with its own log file.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import free_port
+from tests.conftest import API_SERVERS, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 class CPURun:
@@ -40,10 +41,10 @@ class CPURun:
     def log(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text(errors="replace")
 
-    def start_api(self) -> None:
+    def start_api(self, server: str = "recipe.atropos.api") -> None:
         port = self.api_url.rsplit(":", 1)[1]
-        self._start("api", [sys.executable, "-m", "atroposlib.cli.run_api", "--host", "127.0.0.1", "--port", port])
-        self.wait_for(lambda: httpx.get(f"{self.api_url}/status").status_code == 200, "run-api", 60)
+        self._start("api", API_SERVERS[server](port, self.workdir / f"api-{port}.sqlite3"))
+        self.wait_for(lambda: httpx.get(f"{self.api_url}/status").status_code == 200, server, 60)
 
     def start_trainer(self, *overrides: str) -> subprocess.Popen:
         return self._start(

@@ -1,8 +1,10 @@
 """The whole trainer on a CPU: verl's workers (FSDP2 over gloo), the CPU rollout backend,
-the gateway, a real run-api and real Atropos environments, each in its own process."""
+the gateway, a real trajectory API (recipe.atropos.api; run-api too for the first test) and real
+Atropos environments, each in its own process."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import httpx
@@ -36,13 +38,15 @@ def assets(tmp_path_factory):
 
 
 @pytest.fixture
-def cpu_run(tmp_path, assets):
+def cpu_run(request, tmp_path, assets):
     run = CPURun(tmp_path, assets["model"])
-    run.start_api()
+    run.start_api(getattr(request, "param", "recipe.atropos.api"))
     yield run
     run.stop()
 
 
+# The trainer against both trajectory APIs: the project's and Atropos's run-api.
+@pytest.mark.parametrize("cpu_run", ["recipe.atropos.api", "run-api"], indirect=True)
 def test_three_steps_through_a_real_environment(cpu_run, assets):
     cpu_run.start_trainer("trainer.total_training_steps=3", "trainer.atropos.check_weight_sync=true")
     cpu_run.wait_for(lambda: httpx.get(f"{cpu_run.gateway_url}/health").status_code == 200, "gateway", 240)
@@ -103,9 +107,20 @@ def test_token_level_advantages_reach_the_loss(cpu_run):
     for position in range(start + 3, start + 6):
         assert after[position] < before[position], f"disfavoured token at {position}: {before[position]} -> {after[position]}"
 
-    httpx.post(f"{cpu_run.api_url}/scored_data_list", json=groups).raise_for_status()
+    # a group with a NaN score among them is refused at the door (422), and the good ones train
+    poisoned = designed_group(rng, favoured, disfavoured)
+    poisoned["scores"][2] = float("nan")
+    answer = httpx.post(
+        f"{cpu_run.api_url}/scored_data_list",
+        content=json.dumps([groups[0], poisoned, groups[1]]),
+        headers={"Content-Type": "application/json"},
+    )
+    assert answer.status_code == 422 and answer.json()["accepted"] == 2
+    assert answer.json()["refused"][0]["field"] == "scores[2]"
     assert cpu_run.wait_trainer() == 0, cpu_run.log("trainer")[-4000:]
-    assert parse_step_metrics(cpu_run.log("trainer"))[1]["atropos/override_fraction"] == 1.0
+    steps = parse_step_metrics(cpu_run.log("trainer"))
+    assert steps[1]["atropos/override_fraction"] == 1.0
+    assert steps[2]["atropos/groups"] == 2 and steps[2]["atropos/groups_rejected"] == 0
 
 
 def plain_batch(rng: random.Random) -> list[dict]:
