@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, field_validator
 class Registration(BaseModel):
     wandb_group: str
     wandb_project: str
-    batch_size: int
+    batch_size: int = Field(gt=0)
     max_token_len: int
     checkpoint_dir: str
     save_checkpoint_interval: int
@@ -29,7 +29,7 @@ class RegisterEnv(BaseModel):
     max_token_length: int
     desired_name: str
     weight: float
-    group_size: int
+    group_size: int = Field(gt=0)
     # least share of every batch this environment gets (0..1)
     min_batch_allocation: float | None = Field(default=None, ge=0.0, le=1.0)
 
