@@ -60,8 +60,10 @@ def test_three_steps_through_a_real_environment(cpu_run, assets):
             assert name in metrics, f"step {step} lacks {name}"
         assert any(name.startswith("atropos/env/") and name.endswith("/score_mean") for name in metrics)
         # two groups a batch; any the staleness bound left out are counted, not lost
+        # (a batch left out whole is followed by another in the same step: whole batches either way)
         stale = metrics.get("atropos/rejected/policy_lag_exceeded", 0)
-        assert metrics["atropos/groups"] + stale == 2 and metrics["atropos/sequences"] == 4 * metrics["atropos/groups"]
+        assert (metrics["atropos/groups"] + stale) % 2 == 0 and metrics["atropos/groups"] > 0
+        assert metrics["atropos/sequences"] == 4 * metrics["atropos/groups"]
         # every sequence came through the gateway, so its policy version is known and within the bound
         assert metrics["atropos/policy_version_known_fraction"] == 1.0
         assert 0 <= metrics["atropos/policy_lag_steps"] <= metrics["atropos/policy_lag_steps_max"] <= 1
