@@ -139,11 +139,17 @@ class EnvServiceConfig:
         return self.name or (self.module or self.script or "env").rsplit(".", 1)[-1].rsplit("/", 1)[-1]
 
 
+# The trajectory APIs the launcher can start (services.api).
+API_SERVERS = ("recipe.atropos.api", "run-api")
+
+
 @dataclass
 class ServicesConfig:
     """``services``: what the launcher starts beside the trainer, and how patiently.
 
     Attributes:
+        api: the trajectory API: ``recipe.atropos.api`` (this project's: oldest-first batches, groups
+            checked at the door, a queue that survives restarts) or ``run-api`` (Atropos's own).
         run_dir: one folder per run under this one, with a log per service.
         startup_timeout_s: longest wait for a service's health check (minutes on a GPU).
         status_interval_s: seconds between the status lines printed while training.
@@ -151,6 +157,7 @@ class ServicesConfig:
         envs: the environments.
     """
 
+    api: str = "recipe.atropos.api"
     run_dir: str = "outputs/services"
     startup_timeout_s: float = 900.0
     status_interval_s: float = 30.0
@@ -164,6 +171,8 @@ class ServicesConfig:
         given = OmegaConf.create({} if raw is None else OmegaConf.to_container(raw, resolve=True))
         typed = OmegaConf.merge(OmegaConf.structured(cls), given)
         services = OmegaConf.to_object(typed)
+        if services.api not in API_SERVERS:
+            raise ValueError(f"services.api must be one of {', '.join(API_SERVERS)}; got {services.api!r}")
         for index, env in enumerate(services.envs):
             if bool(env.module) == bool(env.script):
                 raise ValueError(f"services.envs[{index}] needs exactly one of 'module' or 'script'")
