@@ -19,10 +19,10 @@ import aiohttp
 import httpx
 import psutil
 import pytest
-from recipe.atropos.client import AtroposClient, Registration
 
 from recipe.atropos.api.store import QUEUED, Store
-from recipe.atropos.launch_atropos_verl_services import Launcher
+from recipe.atropos.launcher.launch import Launcher
+from recipe.atropos.trainer.trajectory_client import AtroposClient, Registration
 from tests.conftest import API_SERVERS, free_port
 
 REPO = Path(__file__).resolve().parents[1]
