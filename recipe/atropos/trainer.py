@@ -71,8 +71,12 @@ class _NoTrainData:
 class RayGRPOAtroposTrainer(RayPPOTrainer):
     """GRPO on batches from the Atropos trajectory API; see the module docstring."""
 
-    def __init__(self, config, tokenizer, role_worker_mapping, resource_pool_manager, **kwargs):
+    def __init__(self, config, tokenizer, role_worker_mapping, resource_pool_manager, vocab_size: int | None = None,
+                 **kwargs):
         self.atropos: AtroposConfig = omega_conf_to_dataclass(config.trainer.atropos, AtroposConfig)
+        # rows of the policy's embedding: a token id outside them would crash the actor, so the
+        # converter rejects its group (None: only the tokenizer's size is known)
+        self.vocab_size = vocab_size if vocab_size is not None else len(tokenizer)
         self.gateway: GatewayServer | None = None
         self._fixed_probe: tuple[list[int], int] | None = None  # see _weight_sync_gap
         self.policy_version = 0  # the step the replicas' weights were last synced after
@@ -199,6 +203,8 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             max_token_len=self.max_token_len,
             pad_token_id=pad,
             require_advantages=not self.atropos.fallback_to_grpo,
+            vocab_size=self.vocab_size,
+            max_group_size=self.registration().batch_size,
         )
 
     # -- the loop --------------------------------------------------------------------
