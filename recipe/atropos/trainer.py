@@ -22,6 +22,7 @@ its checkpoint-engine manager, metrics and trackers.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections import Counter
 
@@ -43,6 +44,7 @@ from .advantages import apply_atropos_advantages
 from .batch import groups_to_dataproto
 from .client import AtroposClient, Registration
 from .gateway import GatewayServer
+from .gateway_requests import GatewayLimits
 from .settings import AtroposConfig
 from .sync_check import max_logprob_gap, replica_prompt_logprobs
 from .metrics import atropos_metrics
@@ -107,12 +109,24 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             host=self.atropos.gateway_host,
             port=self.atropos.gateway_port,
             request_timeout=self.atropos.timeout,
+            limits=GatewayLimits(
+                max_n=self.atropos.gateway_max_n,
+                max_tokens=self.atropos.gateway_max_tokens,
+                max_concurrency=self.atropos.gateway_max_concurrency,
+            ),
+            model_names=self._policy_names(),
         )
         self.gateway.start()
         # the replicas are asleep (colocated) or hold no trained weights yet (standalone) until
         # fit() syncs the actor's weights
         self.gateway.pause()
         print(f"inference gateway listening on {self.gateway.url}", flush=True)
+
+    def _policy_names(self) -> tuple[str, ...]:
+        """What environments may call the policy at the gateway (the launcher passes the model path)."""
+        model = self.config.actor_rollout_ref.model
+        paths = {str(model.path), os.path.expanduser(str(model.path))}
+        return tuple(sorted(paths | set(self.atropos.gateway_model_names)))
 
     def _init_standalone_layout(self):
         """The actor (with its reference policy) on the trainer's GPUs, the replicas on their own.
