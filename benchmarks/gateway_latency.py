@@ -112,7 +112,9 @@ async def ordinary_latencies(url: str, callers: int, requests: int, greedy_calle
 
         async def greedy():
             while not done.is_set():
-                (await client.post(f"{url}/generate", json={**PROMPT, "n": greedy_n})).raise_for_status()
+                response = await client.post(f"{url}/generate", json={**PROMPT, "n": greedy_n})
+                if response.status_code != 200:
+                    raise RuntimeError(f"a greedy request got HTTP {response.status_code}: {response.text[:300]}")
 
         async def ordinary(count: int):
             for _ in range(count):

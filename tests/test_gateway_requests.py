@@ -183,7 +183,7 @@ def test_fan_out_keeps_to_the_concurrency_limit_and_others_keep_their_latency():
     # the first request plus at most max_concurrency sub-requests, plus the ordinary one
     assert app.state.peak <= 1 + limits.max_concurrency + 1, app.state.peak
     # 63 sub-requests of 0.2 s, 4 at a time, take over 3 s; the ordinary request did not wait for them
-    assert ordinary_s < alone + 0.5, (ordinary_s, alone)
+    assert ordinary_s < alone + 1.5, (ordinary_s, alone)
 
 
 def _timed(client: httpx.Client, url: str, n: int) -> float:

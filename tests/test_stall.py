@@ -73,13 +73,14 @@ def test_an_empty_queue_is_logged_with_its_cause_until_the_timeout(client, caplo
     assert "env.rollout_server_url" in reports[0]
 
 
-def test_a_short_queue_is_waited_on_and_then_trains(trajectory_api, client, caplog):
-    trajectory_api.post("/scored_data", group(4))
+@pytest.mark.parametrize("first", [group(4), group(0)], ids=["half a batch", "an empty group"])
+def test_a_queue_that_does_not_drain_is_reported(trajectory_api, client, caplog, first):
+    trajectory_api.post("/scored_data", first)
     with caplog.at_level(logging.WARNING, logger="recipe.atropos.client"):
         with pytest.raises(AtroposBatchTimeout):
             client.fetch_batch(timeout=0.8)
     assert any("1 groups are queued, fewer than a batch" in r.getMessage() for r in caplog.records)
-    trajectory_api.post("/scored_data", group(4))
+    trajectory_api.post("/scored_data_list", [group(4), group(4)])
     assert client.fetch_batch().num_sequences == 8
 
 
