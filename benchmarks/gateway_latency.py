@@ -101,7 +101,7 @@ class Process:
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 async def ordinary_latencies(url: str, callers: int, requests: int, greedy_callers: int, greedy_n: int) -> list[float]:

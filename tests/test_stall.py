@@ -65,20 +65,18 @@ def test_an_oversized_group_is_reported_with_its_cause(trajectory_api, client, c
 
 
 def test_an_empty_queue_is_logged_with_its_cause_until_the_timeout(client, caplog):
-    with caplog.at_level(logging.WARNING, logger="recipe.atropos.client"):
-        with pytest.raises(AtroposBatchTimeout):
-            client.fetch_batch(timeout=1.3)
+    with caplog.at_level(logging.WARNING, logger="recipe.atropos.client"), pytest.raises(AtroposBatchTimeout):
+        client.fetch_batch(timeout=2.5)
     reports = [r.getMessage() for r in caplog.records if "no group is queued" in r.getMessage()]
-    assert len(reports) == 2, reports
+    assert len(reports) >= 2, reports  # again every stall_timeout
     assert "env.rollout_server_url" in reports[0]
 
 
 @pytest.mark.parametrize("first", [group(4), group(0)], ids=["half a batch", "an empty group"])
 def test_a_queue_that_does_not_drain_is_reported(trajectory_api, client, caplog, first):
     trajectory_api.post("/scored_data", first)
-    with caplog.at_level(logging.WARNING, logger="recipe.atropos.client"):
-        with pytest.raises(AtroposBatchTimeout):
-            client.fetch_batch(timeout=0.8)
+    with caplog.at_level(logging.WARNING, logger="recipe.atropos.client"), pytest.raises(AtroposBatchTimeout):
+        client.fetch_batch(timeout=0.8)
     assert any("1 groups are queued, fewer than a batch" in r.getMessage() for r in caplog.records)
     trajectory_api.post("/scored_data_list", [group(4), group(4)])
     assert client.fetch_batch().num_sequences == 8
