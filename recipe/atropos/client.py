@@ -153,6 +153,7 @@ class AtroposClient:
         started = time.monotonic()
         deadline = started + wait_limit
         next_check = started + self.stall_timeout
+        stall: str | None = None  # the cause, once the queue was found unable to form a batch
         delay = self.backoff_initial_s
         polls = 0
         while True:
@@ -170,9 +171,13 @@ class AtroposClient:
                         f"GET {self._url('/batch')} answered a 'batch' that is not a list: {type(groups).__name__}"
                     )
                 return FetchedBatch(groups=groups, wait_s=time.monotonic() - started, polls=polls)
+            if stall is not None:
+                raise AtroposBatchStalled(stall)
             if time.monotonic() >= next_check:
-                self._report_wait(time.monotonic() - started)
+                stall = self._check_queue(time.monotonic() - started)
                 next_check = time.monotonic() + self.stall_timeout
+                if stall is not None:
+                    continue  # one more poll at once: groups posted since the last one may have formed a batch
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AtroposBatchTimeout(self._timeout_message(time.monotonic() - started, wait_limit))
@@ -212,19 +217,20 @@ class AtroposClient:
         size = body.get("max_group_size") if isinstance(body, dict) else None
         return int(size) if isinstance(size, int) else None
 
-    def _report_wait(self, waited: float) -> None:
+    def _check_queue(self, waited: float) -> str | None:
+        """Why no batch came for ``waited`` seconds: the cause if the queue cannot form one, else ``None``
+        (after logging why the trainer waits)."""
         try:
             state = self.queue_state()
         except AtroposAPIError as exc:
             logger.warning("no batch from GET %s for %.0f s, and its queue could not be read: %s",
                            self._url("/batch"), waited, exc)
-            return
+            return None
         diagnosis = diagnose(state, waited)
         if diagnosis.stalled:
-            raise AtroposBatchStalled(
-                f"{self._url('/batch')}: {diagnosis.cause} (trainer.atropos.stall_timeout_s={self.stall_timeout:g})"
-            )
+            return f"{self._url('/batch')}: {diagnosis.cause} (trainer.atropos.stall_timeout_s={self.stall_timeout:g})"
         logger.warning("%s: %s", self._url("/batch"), diagnosis.cause)
+        return None
 
     def disconnect_env(self, env_id: int) -> None:
         body = self._call("POST", "/disconnect-env", json={"env_id": env_id})
