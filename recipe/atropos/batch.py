@@ -262,10 +262,13 @@ def _optional_per_sequence(group: dict, key: str, size: int, reason: str) -> lis
 
 
 def _int_row(values: Any, what: str, i: int) -> np.ndarray:
-    row = np.asarray(values, dtype=np.int64)
+    row = np.asarray(values)
     if row.ndim != 1:
         raise _Rejected(MALFORMED, f"sequence {i}: '{what}' must be a flat list of integers")
-    return row
+    # a cast would turn 3.5 into token 3 and "7" into token 7 without a word
+    if row.size and row.dtype.kind not in "iu":
+        raise _Rejected(MALFORMED, f"sequence {i}: '{what}' must be integers, got {row.dtype} values")
+    return row.astype(np.int64)
 
 
 def _float_row(values: Any, what: str, i: int) -> np.ndarray:
