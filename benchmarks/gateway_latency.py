@@ -1,7 +1,8 @@
 """Latency of ordinary gateway requests while greedy callers ask for many choices each.
 
-The replica and the gateway each run in their own process. The replica is a stand-in for vLLM's tokens-in route on loopback: one choice per request
-(as vLLM 0.24 answers whatever ``n`` asks), ``--delay-ms`` per request, at most
+The replica and the gateway each run in their own process. The replica is a stand-in
+for vLLM's tokens-in route on loopback: one choice per request (as vLLM 0.24 answers
+whatever ``n`` asks), ``--delay-ms`` per request, at most
 ``--replica-capacity`` requests served at once (the rest queue, as in an engine whose
 batch is full). The gateway fans each ``n`` > 1 request out into single-choice requests,
 at most ``--max-concurrency`` in flight gateway-wide.

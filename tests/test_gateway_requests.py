@@ -20,6 +20,7 @@ from recipe.atropos.gateway_requests import GatewayLimits
 from tests.conftest import ServedApp
 from tests.test_gateway import RECORDED
 
+GENERATE, COMPLETIONS, CHAT_COMPLETIONS = "/generate", "/v1/completions", "/v1/chat/completions"
 LIMITS = GatewayLimits(max_n=8, max_tokens=64, max_concurrency=2)
 PROMPT = {"prompt": {"prompt_token_ids": [5, 6, 7]}}
 COMPLETION = {"model": "model", "prompt": [5, 6, 7], "max_tokens": 4}
@@ -92,32 +93,34 @@ def raw(route: str, body: dict) -> tuple[str, bytes, str]:
 MALFORMED = [
     ("invalid JSON", "/generate", b'{"prompt": ', "application/json", 400, "body"),
     ("body is a list", "/generate", b"[1, 2, 3]", "application/json", 400, "body"),
-    ("NaN temperature", *raw("/generate", {**PROMPT, "temperature": float("nan")}), 400, "temperature"),
-    ("Infinity temperature", *raw("/generate", {**PROMPT, "temperature": float("inf")}), 400, "temperature"),
-    ("negative temperature", *raw("/generate", {**PROMPT, "temperature": -1.0}), 400, "temperature"),
-    ("non-integer logprobs", *raw("/generate", {**PROMPT, "logprobs": 1.5}), 400, "logprobs"),
-    ("string logprobs", *raw("/generate", {**PROMPT, "logprobs": "one"}), 400, "logprobs"),
-    ("no prompt tokens", *raw("/generate", {"prompt": {"prompt_token_ids": []}}), 400, "prompt.prompt_token_ids"),
-    ("negative token id", *raw("/generate", {"prompt": {"prompt_token_ids": [5, -1]}}), 400, "prompt.prompt_token_ids.1"),
-    ("text prompt", *raw("/generate", {"prompt": "hello"}), 400, "prompt"),
-    ("n too large", *raw("/generate", {**PROMPT, "n": 10000}), 400, "n"),
-    ("n zero", *raw("/generate", {**PROMPT, "n": 0}), 400, "n"),
-    ("max_tokens too large", *raw("/generate", {**PROMPT, "max_tokens": 65}), 400, "max_tokens"),
-    ("max_new_tokens too large", *raw("/generate", {**PROMPT, "max_new_tokens": 10**6}), 400, "max_new_tokens"),
+    ("NaN temperature", *raw(GENERATE, {**PROMPT, "temperature": float("nan")}), 400, "temperature"),
+    ("Infinity temperature", *raw(GENERATE, {**PROMPT, "temperature": float("inf")}), 400, "temperature"),
+    ("negative temperature", *raw(GENERATE, {**PROMPT, "temperature": -1.0}), 400, "temperature"),
+    ("non-integer logprobs", *raw(GENERATE, {**PROMPT, "logprobs": 1.5}), 400, "logprobs"),
+    ("string logprobs", *raw(GENERATE, {**PROMPT, "logprobs": "one"}), 400, "logprobs"),
+    ("no prompt tokens", *raw(GENERATE, {"prompt": {"prompt_token_ids": []}}), 400, "prompt.prompt_token_ids"),
+    ("negative token id", *raw(GENERATE, {"prompt": {"prompt_token_ids": [5, -1]}}), 400, "prompt.prompt_token_ids.1"),
+    ("text prompt", *raw(GENERATE, {"prompt": "hello"}), 400, "prompt"),
+    ("n too large", *raw(GENERATE, {**PROMPT, "n": 10000}), 400, "n"),
+    ("n zero", *raw(GENERATE, {**PROMPT, "n": 0}), 400, "n"),
+    ("max_tokens too large", *raw(GENERATE, {**PROMPT, "max_tokens": 65}), 400, "max_tokens"),
+    ("max_new_tokens too large", *raw(GENERATE, {**PROMPT, "max_new_tokens": 10**6}), 400, "max_new_tokens"),
     ("text/plain body", "/generate", json.dumps(PROMPT).encode(), "text/plain", 415, "content-type"),
-    ("completions: text/plain", "/v1/completions", json.dumps(COMPLETION).encode(), "text/plain", 415, "content-type"),
-    ("completions: no prompt", *raw("/v1/completions", {"model": "model"}), 400, "prompt"),
-    ("completions: NaN top_p", *raw("/v1/completions", {**COMPLETION, "top_p": float("nan")}), 400, "top_p"),
-    ("completions: n too large", *raw("/v1/completions", {**COMPLETION, "n": 9}), 400, "n"),
-    ("completions: max_tokens too large", *raw("/v1/completions", {**COMPLETION, "max_tokens": 10**6}), 400, "max_tokens"),
-    ("completions: streaming", *raw("/v1/completions", {**COMPLETION, "stream": True}), 400, "stream"),
-    ("completions: unknown model", *raw("/v1/completions", {**COMPLETION, "model": "gpt-4"}), 404, "model"),
-    ("chat: messages not a list", *raw("/v1/chat/completions", {**CHAT, "messages": "hi"}), 400, "messages"),
-    ("chat: message without role", *raw("/v1/chat/completions", {**CHAT, "messages": [{"content": "hi"}]}), 400, "messages.0.role"),
-    ("chat: logprobs not a bool", *raw("/v1/chat/completions", {**CHAT, "logprobs": 3}), 400, "logprobs"),
-    ("chat: max_completion_tokens too large", *raw("/v1/chat/completions", {**CHAT, "max_completion_tokens": 65}), 400, "max_completion_tokens"),
-    ("chat: unknown model", *raw("/v1/chat/completions", {**CHAT, "model": "other"}), 404, "model"),
-    ("generate: unknown model", *raw("/generate", {**PROMPT, "model": "other"}), 404, "model"),
+    ("completions: text/plain", COMPLETIONS, json.dumps(COMPLETION).encode(), "text/plain", 415, "content-type"),
+    ("completions: no prompt", *raw(COMPLETIONS, {"model": "model"}), 400, "prompt"),
+    ("completions: NaN top_p", *raw(COMPLETIONS, {**COMPLETION, "top_p": float("nan")}), 400, "top_p"),
+    ("completions: n too large", *raw(COMPLETIONS, {**COMPLETION, "n": 9}), 400, "n"),
+    ("completions: max_tokens too large", *raw(COMPLETIONS, {**COMPLETION, "max_tokens": 10**6}), 400, "max_tokens"),
+    ("completions: streaming", *raw(COMPLETIONS, {**COMPLETION, "stream": True}), 400, "stream"),
+    ("completions: unknown model", *raw(COMPLETIONS, {**COMPLETION, "model": "gpt-4"}), 404, "model"),
+    ("chat: messages not a list", *raw(CHAT_COMPLETIONS, {**CHAT, "messages": "hi"}), 400, "messages"),
+    ("chat: message without role", *raw(CHAT_COMPLETIONS, {**CHAT, "messages": [{"content": "hi"}]}), 400,
+     "messages.0.role"),
+    ("chat: logprobs not a bool", *raw(CHAT_COMPLETIONS, {**CHAT, "logprobs": 3}), 400, "logprobs"),
+    ("chat: max_completion_tokens too large", *raw(CHAT_COMPLETIONS, {**CHAT, "max_completion_tokens": 65}), 400,
+     "max_completion_tokens"),
+    ("chat: unknown model", *raw(CHAT_COMPLETIONS, {**CHAT, "model": "other"}), 404, "model"),
+    ("generate: unknown model", *raw(GENERATE, {**PROMPT, "model": "other"}), 404, "model"),
 ]
 
 
