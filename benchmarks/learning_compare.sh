@@ -6,8 +6,10 @@
 #   (3) by the launcher with the token-level credit environment (atropos_grpo_qwen05b_credit_gpu.yaml).
 # With two GPUs: (1) and (3) on GPU 0, (2) on GPU 1, all started together ((3) a little later so
 # the two vLLM engines on GPU 0 do not profile memory at the same moment). With one GPU: one
-# after the other. Every run writes its metrics as JSONL (verl's file logger); plot them with
-#   python scripts/plot_metrics.py --out score.png OUT_DIR/ours_gsm8k.jsonl OUT_DIR/verl_grpo.jsonl OUT_DIR/ours_credit.jsonl
+# after the other. Every run writes its metrics as JSONL (verl's file tracker) to OUT_DIR/NAME.jsonl;
+# plot the score per step of all of them with
+#   python scripts/plot_metrics.py --learning ours=OUT_DIR/ours_gsm8k.jsonl verl=OUT_DIR/verl_grpo.jsonl \
+#       credit=OUT_DIR/ours_credit.jsonl --png score.png
 #
 #   bash benchmarks/learning_compare.sh OUT_DIR MODEL_DIR DATA_DIR [STEPS] [SECONDS_PER_RUN]
 # WITH_CREDIT=0 leaves run (3) out.
@@ -36,11 +38,11 @@ memlog() { nvidia-smi --query-gpu=timestamp,index,memory.used --format=csv,nohea
 
 ours() {  # NAME CONFIG GPU API_PORT GATEWAY_PORT
   local name=$1 config=$2 gpu=$3
-  ( export CUDA_VISIBLE_DEVICES=$gpu VERL_FILE_LOGGER_PATH="$OUT/$name.jsonl"
+  ( export CUDA_VISIBLE_DEVICES=$gpu
     timeout -s INT -k 120 "$LIMIT" $PY recipe/atropos/launch_atropos_verl_services.py \
       --config "recipe/atropos/config/$config.yaml" --run-dir "$OUT/$name" \
       actor_rollout_ref.model.path="$MODEL" data.train_files="$DATA/train.parquet" data.val_files="$DATA/test.parquet" \
-      trainer.total_training_steps="$STEPS" trainer.test_freq="$STEPS" \
+      trainer.total_training_steps="$STEPS" trainer.test_freq="$STEPS" trainer.atropos.metrics_file="$OUT/$name.jsonl" \
       trainer.atropos.api_url="http://localhost:$4" trainer.atropos.gateway_port="$5" \
       > "$OUT/$name.console.log" 2>&1
     echo "$name: rc=$? at $(date +%s)" >> "$OUT/rc.txt" )

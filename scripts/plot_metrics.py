@@ -7,6 +7,13 @@ Both files are verl's file-tracker JSONL: the launcher writes ``<run dir>/metric
 verl's own run writes one with ``trainer.logger='["console","file"]'`` and
 ``VERL_FILE_LOGGER_PATH`` (``benchmarks/gpu_compare.sh`` sets both).
 
+With ``--learning LABEL=FILE ...`` it compares runs instead: the mean score of the sampled
+responses per step (verl's ``critic/score/mean``, which every run logs, ours on the trained rows
+only) in one figure, the means of the first and last five steps, and the held-out accuracy
+(verl's ``val-core/*/acc/mean@1``) where a run validated:
+
+    python scripts/plot_metrics.py --learning ours=RUN/metrics.jsonl verl=native_metrics.jsonl --png score.png
+
 Step time is verl's ``timing_s/step``; the median skips the first two steps (start-up).
 The integration's own share of a step is the time the step waited for its batch
 (``atropos/batch_wait_s``) plus the advantage merge (``timing_s/adv``); fetching and
@@ -27,12 +34,62 @@ def median_after(steps: dict[int, dict], key: str, skip: int = 2) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+SCORE = "critic/score/mean"
+
+
+def held_out_accuracy(steps: dict[int, dict]) -> dict[int, float]:
+    """``{step: accuracy}`` of each validation in a run (verl's ``val-core/<source>/acc/mean@1``)."""
+    return {
+        step: value for step, metrics in sorted(steps.items())
+        for key, value in metrics.items() if key.startswith("val-core/") and key.endswith("/acc/mean@1")
+    }
+
+
+def compare_learning(runs: list[str], png: Path | None) -> None:
+    """The score per step of several runs (``LABEL=FILE`` each), as a table and one figure."""
+    curves = {}
+    for run in runs:
+        label, _, path = run.partition("=")
+        if not path:
+            raise SystemExit(f"--learning {run!r}: give LABEL=FILE")
+        steps = read_step_metrics(path, require_prefix="")
+        curves[label] = {step: m[SCORE] for step, m in steps.items() if SCORE in m}
+        scores = [curves[label][s] for s in sorted(curves[label])]
+        if not scores:
+            raise SystemExit(f"{path}: no step logs {SCORE}")
+        first, last = scores[:5], scores[-5:]
+        accuracy = ", ".join(f"step {s}: {a:.3f}" for s, a in held_out_accuracy(steps).items()) or "not validated"
+        print(f"{label}: {len(scores)} steps; mean score of the first 5 {sum(first) / len(first):.3f}, "
+              f"of the last 5 {sum(last) / len(last):.3f}; held-out accuracy {accuracy}")
+    if png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axis = plt.subplots(figsize=(7, 4))
+        for label, curve in curves.items():
+            axis.plot(sorted(curve), [curve[s] for s in sorted(curve)], marker="o", label=label)
+        axis.set_xlabel("step")
+        axis.set_ylabel("mean score of the sampled responses")
+        axis.legend()
+        fig.tight_layout()
+        fig.savefig(png, dpi=100)
+        print(f"wrote {png}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ours", required=True, type=Path, help="metrics file of this project's run")
+    parser.add_argument("--learning", nargs="+", metavar="LABEL=FILE", help="compare the score per step of runs")
+    parser.add_argument("--ours", type=Path, help="metrics file of this project's run")
     parser.add_argument("--native", type=Path, help="metrics file of verl's own GRPO run")
     parser.add_argument("--png", type=Path, help="where to write the plot")
     args = parser.parse_args()
+    if args.learning:
+        compare_learning(args.learning, args.png)
+        return
+    if args.ours is None:
+        parser.error("give --ours (or --learning)")
 
     ours = read_step_metrics(args.ours)
     if not ours:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real Atropos trajectory API (``run-api``) on a free loopback port, real uvicorn apps."""
+"""Shared fixtures: a real trajectory API (``recipe.atropos.api`` and Atropos's ``run-api``) on a free loopback port,
+real uvicorn apps."""
 
 from __future__ import annotations
 
@@ -35,14 +36,25 @@ class TrajectoryAPI:
         return answer["env_id"]
 
 
-@pytest.fixture
-def trajectory_api(tmp_path):
-    """A fresh ``run-api`` process per test (its state lives in memory), stopped with its session."""
+# The trajectory APIs the client tests run against: the project's own, and Atropos's.
+API_SERVERS = {
+    "recipe.atropos.api": lambda port, db: [
+        sys.executable, "-m", "recipe.atropos.api", "--host", "127.0.0.1", "--port", str(port), "--db", str(db)
+    ],
+    "run-api": lambda port, db: [
+        sys.executable, "-m", "atroposlib.cli.run_api", "--host", "127.0.0.1", "--port", str(port)
+    ],
+}
+
+
+@pytest.fixture(params=list(API_SERVERS))
+def trajectory_api(request, tmp_path):
+    """A fresh API process per test (an empty queue), each of API_SERVERS in turn, stopped with its session."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     service = start_service(
-        "run-api",
-        [sys.executable, "-m", "atroposlib.cli.run_api", "--host", "127.0.0.1", "--port", str(port)],
+        request.param,
+        API_SERVERS[request.param](port, tmp_path / "api.sqlite3"),
         tmp_path,
         ready=lambda: httpx.get(f"{url}/", timeout=1).status_code == 200,
     )

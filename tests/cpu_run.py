@@ -1,6 +1,7 @@
 """Helpers for the end-to-end CPU tests: real processes on loopback, each a service of its own.
 
-A :class:`CPURun` starts what a user would: the trajectory API (``run-api``), the
+A :class:`CPURun` starts what a user would: the trajectory API (``recipe.atropos.api``,
+or Atropos's ``run-api``), the
 trainer (``python -m recipe.atropos.main_atropos --config-name atropos_grpo_cpu``)
 and, when asked, an Atropos environment (``python -m recipe.atropos.envs.... serve``),
 through :mod:`tests.processes`. The trainer binds its gateway to a free port and
@@ -17,6 +18,7 @@ import httpx
 
 from recipe.atropos.launcher.metrics_file import read_step_metrics
 from recipe.atropos.launcher.service_process import Service
+from tests.conftest import API_SERVERS
 from tests.processes import free_port, start_service, wait_until
 
 
@@ -36,11 +38,11 @@ class CPURun:
     def log(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text(errors="replace")
 
-    def start_api(self) -> None:
+    def start_api(self, server: str = "recipe.atropos.api") -> None:
         port = self.api_url.rsplit(":", 1)[1]
         self._start(
             "api",
-            [sys.executable, "-m", "atroposlib.cli.run_api", "--host", "127.0.0.1", "--port", port],
+            API_SERVERS[server](port, self.workdir / f"api-{port}.sqlite3"),
             ready=lambda: httpx.get(f"{self.api_url}/status").status_code == 200,
         )
 

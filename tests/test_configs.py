@@ -101,7 +101,8 @@ def test_launcher_wires_envs_to_this_runs_api_gateway_and_sizes(tmp_path):
     launcher = Launcher(CONFIG_DIR / "atropos_grpo_cpu.yaml",
                         ["trainer.atropos.api_url=http://localhost:9555", "trainer.atropos.gateway_port=0"], tmp_path)
     api, trainer = launcher.services
-    assert api.command[-4:] == ["--host", "127.0.0.1", "--port", "9555"]
+    at = api.command.index("--host")
+    assert api.command[at : at + 4] == ["--host", "127.0.0.1", "--port", "9555"]
     assert "--config-name" in trainer.command and "trainer.atropos.gateway_port=0" in trainer.command
     # the trainer reports the gateway it bound and writes its metrics into the run directory
     assert f"trainer.atropos.gateway_url_file={(tmp_path / 'gateway_url').resolve()}" in trainer.command

@@ -1,8 +1,11 @@
 """The whole trainer on a CPU: verl's workers (FSDP2 over gloo), the CPU rollout backend,
-the gateway, a real run-api and real Atropos environments, each in its own process."""
+the gateway, a real trajectory API (recipe.atropos.api; run-api too for the first test) and real
+Atropos environments, each in its own process."""
 
 from __future__ import annotations
 
+import json
+import math
 import random
 
 import httpx
@@ -38,13 +41,15 @@ def assets(tmp_path_factory):
 
 
 @pytest.fixture
-def cpu_run(tmp_path, assets):
+def cpu_run(request, tmp_path, assets):
     run = CPURun(tmp_path, assets["model"])
-    run.start_api()
+    run.start_api(getattr(request, "param", "recipe.atropos.api"))
     yield run
     run.stop()
 
 
+# The trainer against both trajectory APIs: the project's and Atropos's run-api.
+@pytest.mark.parametrize("cpu_run", ["recipe.atropos.api", "run-api"], indirect=True)
 def test_three_steps_through_a_real_environment(cpu_run, assets):
     cpu_run.start_trainer("trainer.total_training_steps=3", "trainer.atropos.check_weight_sync=true")
     cpu_run.wait_gateway()
@@ -58,8 +63,10 @@ def test_three_steps_through_a_real_environment(cpu_run, assets):
             assert name in metrics, f"step {step} lacks {name}"
         assert any(name.startswith("atropos/env/") and name.endswith("/score_mean") for name in metrics)
         # two groups a batch; any the staleness bound left out are counted, not lost
+        # (a batch left out whole is followed by another in the same step: whole batches either way)
         stale = metrics.get("atropos/rejected/policy_lag_exceeded", 0)
-        assert metrics["atropos/groups"] + stale == 2 and metrics["atropos/sequences"] == 4 * metrics["atropos/groups"]
+        assert (metrics["atropos/groups"] + stale) % 2 == 0 and metrics["atropos/groups"] > 0
+        assert metrics["atropos/sequences"] == 4 * metrics["atropos/groups"]
         # every sequence came through the gateway, so its policy version is known and within the bound
         assert metrics["atropos/policy_version_known_fraction"] == 1.0
         assert 0 <= metrics["atropos/policy_lag_steps"] <= metrics["atropos/policy_lag_steps_max"] <= 1
@@ -105,9 +112,20 @@ def test_token_level_advantages_reach_the_loss(cpu_run):
     for position in range(start + 3, start + 6):
         assert after[position] < before[position], f"disfavoured at {position}: {before[position]} -> {after[position]}"
 
-    httpx.post(f"{cpu_run.api_url}/scored_data_list", json=groups).raise_for_status()
+    # a group with a NaN score among them is refused at the door (422), and the good ones train
+    poisoned = designed_group(rng, favoured, disfavoured)
+    poisoned["scores"][2] = float("nan")
+    answer = httpx.post(
+        f"{cpu_run.api_url}/scored_data_list",
+        content=json.dumps([groups[0], poisoned, groups[1]]),
+        headers={"Content-Type": "application/json"},
+    )
+    assert answer.status_code == 422 and answer.json()["accepted"] == 2
+    assert answer.json()["refused"][0]["field"] == "scores[2]"
     assert cpu_run.wait_trainer() == 0, cpu_run.log("trainer")[-4000:]
-    assert cpu_run.steps()[1]["atropos/override_fraction"] == 1.0
+    steps = cpu_run.steps()
+    assert steps[1]["atropos/override_fraction"] == 1.0
+    assert steps[2]["atropos/groups"] == 2 and steps[2]["atropos/groups_rejected"] == 0
 
 
 def plain_batch(rng: random.Random) -> list[dict]:
@@ -125,19 +143,40 @@ def plain_batch(rng: random.Random) -> list[dict]:
     return groups
 
 
+def out_of_vocabulary(group: dict) -> dict:
+    """The group with one trained token id beyond the tiny model's vocabulary (259 ids)."""
+    tokens, masks = [list(t) for t in group["tokens"]], [list(m) for m in group["masks"]]
+    tokens[1][-2] = masks[1][-2] = 5000
+    return {**group, "tokens": tokens, "masks": masks}
+
+
 def test_resume_from_a_step_2_checkpoint(tmp_path, assets):
     rng = random.Random(1)
     first = CPURun(tmp_path, assets["model"])
     try:
-        first.start_api()
+        # Atropos's run-api takes any group: the trainer's converter is what stands between it and the actor
+        first.start_api("run-api")
         first.start_trainer("trainer.total_training_steps=2", "trainer.save_freq=2")
         first.wait_registered()
-        for _ in range(2):
-            httpx.post(f"{first.api_url}/scored_data_list", json=plain_batch(rng)).raise_for_status()
+        # each batch carries a group the actor cannot take: it is rejected with a reason and the run goes on
+        good, bad = plain_batch(rng)
+        httpx.post(f"{first.api_url}/scored_data_list", json=[good, out_of_vocabulary(bad)]).raise_for_status()
+        good, bad = plain_batch(rng)
+        overflowing = {**bad, "scores": [1e39] + bad["scores"][1:]}  # finite in float64, inf in float32
+        httpx.post(f"{first.api_url}/scored_data_list", json=[good, overflowing]).raise_for_status()
         assert first.wait_trainer() == 0, first.log("trainer")[-4000:]
     finally:
         first.stop()
     assert (tmp_path / "checkpoints" / "global_step_2" / "actor").is_dir()
+    steps = first.steps()
+    assert sorted(steps) == [1, 2]
+    # (the API may serve the two batches in either order)
+    rejected = [name for metrics in steps.values() for name in metrics if name.startswith("atropos/rejected/")]
+    assert sorted(rejected) == ["atropos/rejected/nonfinite_score", "atropos/rejected/token_out_of_vocab"]
+    for metrics in steps.values():
+        assert metrics["atropos/groups"] == 1 and metrics["atropos/groups_rejected"] == 1
+        assert math.isfinite(metrics["atropos/score_mean"]) and math.isfinite(metrics["actor/pg_loss"])
+    assert "token id 5000 is outside the policy's vocabulary [0, 259)" in first.log("trainer")
 
     second = CPURun(tmp_path, assets["model"])
     try:

@@ -55,6 +55,24 @@ class AtroposConfig(BaseConfig):
             rejections by environment and reason, and whether it trained; null: none. The
             launcher sets it to ``<run dir>/batches.jsonl`` and reads it to name an environment
             whose every group is rejected.
+        gateway_max_n: most choices one gateway request may ask for (``n``); more is
+            refused with HTTP 400 naming ``n``.
+        gateway_max_tokens: most new tokens one gateway request may ask for
+            (``max_tokens``, ``max_new_tokens``, ``max_completion_tokens``).
+        gateway_max_concurrency: most single-choice sub-requests the gateway has in
+            flight at once when a replica answers one choice per request (vLLM's
+            tokens-in route) and a request asks for ``n`` > 1; a caller asking for many
+            choices waits behind this limit instead of holding every connection.
+        gateway_model_names: names environments may call the policy by, besides the
+            replicas' own model ids and ``actor_rollout_ref.model.path``; any other name is
+            refused with HTTP 404, as vLLM refuses it.
+        stall_timeout_s: how long ``GET /batch`` may keep answering "no batch" before
+            the trainer reads the API's ``/status`` (and ``/status-env``) and reports
+            why: a queue that holds enough groups for a batch but never forms one (a
+            group larger than the batch, groups that cannot be packed) ends the run
+            with :class:`~recipe.atropos.trainer.trajectory_client.AtroposBatchStalled` naming the cause;
+            an empty or short queue is logged as a warning, again every
+            ``stall_timeout_s``, until ``timeout``.
     """
 
     api_url: str = "http://localhost:9001"
@@ -71,6 +89,11 @@ class AtroposConfig(BaseConfig):
     metrics_file: str | None = None
     gateway_url_file: str | None = None
     batches_file: str | None = None
+    gateway_max_n: int = 64
+    gateway_max_tokens: int = 16384
+    gateway_max_concurrency: int = 32
+    gateway_model_names: list[str] = field(default_factory=lambda: ["model"])
+    stall_timeout_s: float = 120.0
 
     @property
     def gateway_url(self) -> str:
@@ -104,6 +127,11 @@ class AtroposConfig(BaseConfig):
                 "trainer.atropos.max_policy_lag_steps must be >= 0 (or -1 for no bound), "
                 f"got {self.max_policy_lag_steps}"
             )
+        for name in ("gateway_max_n", "gateway_max_tokens", "gateway_max_concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.atropos.{name} must be >= 1, got {getattr(self, name)}")
+        if self.stall_timeout_s <= 0:
+            raise ValueError(f"trainer.atropos.stall_timeout_s must be > 0 seconds, got {self.stall_timeout_s}")
         if not 0 < self.backoff_initial_s <= self.backoff_max_s:
             raise ValueError(
                 "trainer.atropos.backoff_initial_s must be > 0 and <= trainer.atropos.backoff_max_s, "
@@ -148,11 +176,17 @@ class EnvServiceConfig:
         return self.name or (self.module or self.script or "env").rsplit(".", 1)[-1].rsplit("/", 1)[-1]
 
 
+# The trajectory APIs the launcher can start (services.api).
+API_SERVERS = ("recipe.atropos.api", "run-api")
+
+
 @dataclass
 class ServicesConfig:
     """``services``: what the launcher starts beside the trainer, and how patiently.
 
     Attributes:
+        api: the trajectory API: ``recipe.atropos.api`` (this project's: oldest-first batches, groups
+            checked at the door, a queue that survives restarts) or ``run-api`` (Atropos's own).
         run_dir: one folder per run under this one, with a log per service.
         startup_timeout_s: longest wait for a service's health check (minutes on a GPU).
         status_interval_s: seconds between the status lines printed while training.
@@ -165,6 +199,7 @@ class ServicesConfig:
         envs: the environments.
     """
 
+    api: str = "recipe.atropos.api"
     run_dir: str = "outputs/services"
     startup_timeout_s: float = 900.0
     status_interval_s: float = 30.0
@@ -180,6 +215,8 @@ class ServicesConfig:
         given = OmegaConf.create({} if raw is None else OmegaConf.to_container(raw, resolve=True))
         typed = OmegaConf.merge(OmegaConf.structured(cls), given)
         services = OmegaConf.to_object(typed)
+        if services.api not in API_SERVERS:
+            raise ValueError(f"services.api must be one of {', '.join(API_SERVERS)}; got {services.api!r}")
         for index, env in enumerate(services.envs):
             if bool(env.module) == bool(env.script):
                 raise ValueError(f"services.envs[{index}] needs exactly one of 'module' or 'script'")

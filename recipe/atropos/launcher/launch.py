@@ -6,7 +6,9 @@
 
 In order, each checked with a real request before the next starts:
 
-1. the Atropos trajectory API (``run-api`` on ``trainer.atropos.api_url``) - ``GET /status``;
+1. the trajectory API on ``trainer.atropos.api_url`` - ``GET /status``: this project's
+   ``recipe.atropos.api`` (durable queue in the run directory), or Atropos's ``run-api``
+   with ``services.api: run-api``;
 2. the trainer (``python -m recipe.atropos.main_atropos`` with the same YAML and overrides),
    which brings up the inference replicas and the gateway, writes the gateway's address to
    ``<run dir>/gateway_url`` (with ``trainer.atropos.gateway_port=0``, the port it got) -
@@ -26,6 +28,7 @@ names a service that died with its last log lines, and exits non-zero on failure
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import signal
@@ -138,6 +141,24 @@ def env_interpreter(spec: EnvServiceConfig, index: int) -> str:
     return str(python)
 
 
+def api_command(server: str, host: str, port: int, run_dir: Path, model_path: str) -> list[str]:
+    """The command of the trajectory API: ``recipe.atropos.api`` (default) or Atropos's ``run-api``.
+
+    ``recipe.atropos.api`` keeps its queue in ``run_dir/api.sqlite3`` (restarting it with the
+    same command loses nothing) and refuses token ids beyond the model's vocabulary.
+    """
+    if server == "run-api":
+        return [sys.executable, "-m", "atroposlib.cli.run_api", "--host", host, "--port", str(port)]
+    command = [sys.executable, "-m", "recipe.atropos.api", "--host", host, "--port", str(port)]
+    command += ["--db", str(run_dir / "api.sqlite3")]
+    model_config = Path(os.path.expanduser(model_path)) / "config.json"
+    if model_config.is_file():
+        vocab_size = json.loads(model_config.read_text()).get("vocab_size")
+        if isinstance(vocab_size, int) and vocab_size > 0:
+            command += ["--vocab-size", str(vocab_size)]
+    return command
+
+
 def registered_envs(api_url: str, expected: int) -> int:
     """How many of the first ``expected`` environment ids the API knows."""
     count = 0
@@ -188,7 +209,7 @@ class Launcher:
         return [
             Service(
                 "api",
-                [sys.executable, "-m", "atroposlib.cli.run_api", "--host", host, "--port", str(port)],
+                api_command(self.settings.api, host, port, self.run_dir, self.config.actor_rollout_ref.model.path),
                 self.run_dir / "api.log",
                 ready=lambda: httpx.get(f"{self.api_url}/status", timeout=5).status_code == 200,
             ),
