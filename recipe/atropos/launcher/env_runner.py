@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.argv = [script, *env_args]
             runpy.run_path(script, run_name="__main__")
         else:
+            sys.path.insert(0, os.getcwd())  # as ``python -m`` does
             sys.argv = [options["module"], *env_args]
             runpy.run_module(options["module"], run_name="__main__", alter_sys=True)
     finally:
