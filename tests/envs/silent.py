@@ -8,7 +8,8 @@ class SilentEnv(BaseEnv):
 
     @classmethod
     def config_init(cls):
-        return BaseEnvConfig(use_wandb=False), [APIServerConfig()]
+        # the API needs a name to register it by (atroposlib sends wandb_name)
+        return BaseEnvConfig(use_wandb=False, wandb_name="silent"), [APIServerConfig()]
 
     async def setup(self):
         pass
