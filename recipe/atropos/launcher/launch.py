@@ -14,7 +14,9 @@ In order, each checked with a real request before the next starts:
    ``<run dir>/gateway_url`` (with ``trainer.atropos.gateway_port=0``, the port it got) -
    ``GET {gateway}/health``; on a GPU this takes minutes (vLLM start-up), so the wait is
    ``services.startup_timeout_s`` and progress is printed;
-3. the environments of ``services.envs``, on that gateway - each registered with the API.
+3. the environments of ``services.envs``, on that gateway - each registered with the API. Each
+   runs under :mod:`.env_runner` with the interpreter ``services.envs[i].python`` names (default
+   this one), which wires its server config whatever form ``config_init`` returns.
 
 The launcher reads the same typed config as the trainer (:mod:`recipe.atropos.settings`).
 One log per service goes into the run directory, and the trainer's metrics into
@@ -22,7 +24,10 @@ One log per service goes into the run directory, and the trainer's metrics into
 prints each step's mean environment score from that file and a status line per service. On the
 trainer's normal end, on Ctrl-C, or when any service dies, it stops the processes
 it started (each service is a session of its own: that session and nothing else),
-names a service that died with its last log lines, and exits non-zero on failure.
+names a service that died with its last log lines, and exits non-zero on failure. A run that
+trains nothing (no step within ``services.first_step_timeout_s`` of the environments registering,
+or ``services.max_rejected_batches`` wholly rejected batches in a row) is stopped the same way,
+with what each environment did (:mod:`.progress_watch`).
 """
 
 from __future__ import annotations
