@@ -251,6 +251,8 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
                 tracker.log(data=self._validate(), step=self.global_steps)
             self.global_steps += 1
             while self.global_steps <= self.total_training_steps:
+                # the steps done: where the trainer registers again if the API restarts without its state
+                client.step = self.global_steps - 1
                 metrics = self.train_step(prefetcher)
                 if metrics is None:
                     continue
