@@ -279,6 +279,7 @@ class TrajectoryAPI:
         }
 
     def reset(self) -> None:
+        self._last_heard.clear()
         with self.store.transaction():
             self.store.clear()
 
