@@ -256,6 +256,8 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
                 metrics = self.train_step(prefetcher)
                 if metrics is None:
                     continue
+                # times the API forgot this trainer (it restarted without its state) and was registered with again
+                metrics["atropos/api_reregistrations"] = float(client.reregistrations)
                 tracker.log(data=metrics, step=self.global_steps)
                 self.global_steps += 1
         finally:
