@@ -13,9 +13,18 @@ from recipe.atropos.trainer.batch import groups_to_dataproto
 PAD = 0
 
 
+VOCAB = 259  # the tiny test model's
+BATCH = 8  # registered batch size, in sequences
+
+
 def convert(groups, max_token_len=64, require_advantages=False):
     return groups_to_dataproto(
-        groups, max_token_len=max_token_len, pad_token_id=PAD, require_advantages=require_advantages
+        groups,
+        max_token_len=max_token_len,
+        pad_token_id=PAD,
+        require_advantages=require_advantages,
+        vocab_size=VOCAB,
+        max_group_size=BATCH,
     )
 
 
@@ -145,9 +154,20 @@ REJECTIONS = [
     (B.NO_TRAINED_TOKEN, with_changes(masks=[M[0], [-100] * 5]), "sequence 1: every mask entry is -100"),
     (B.NO_PROMPT, with_changes(masks=[M[0], T[1]]), "position 0 is trained"),
     (B.TOO_LONG, with_changes(tokens=[T[0] + [1] * 60, T[1]], masks=[M[0] + [1] * 60, M[1]], advantages=_DELETE, inference_logprobs=_DELETE), "69 tokens, more than the registered max_token_len=64"),
+    (B.NONFINITE_SCORE, with_changes(scores=[1e39, 1.0]), "sequence 0: score, beyond float32's range, 1e+39"),
+    (B.NONFINITE_SCORE, with_changes(scores=[3e38, 3e38]), "overflows float32"),
+    (B.NONFINITE_ADVANTAGE, with_changes(advantages=[[0.0] * 9, [0.0] * 4 + [1e39]]), "sequence 1, position 4: advantage inf"),
+    (B.NONFINITE_LOGPROB, with_changes(inference_logprobs=[[0.0] * 9, [0.0] * 3 + [-1e39, 0]]), "sequence 1, position 3"),
+    (B.TOKEN_OUT_OF_VOCAB, with_changes(tokens=[T[0], T[1][:4] + [5000]], masks=[M[0], M[1][:4] + [5000]]), "sequence 1, position 4: token id 5000 is outside the policy's vocabulary [0, 259)"),
+    (B.TOKEN_OUT_OF_VOCAB, with_changes(tokens=[[-1] + T[0][1:], T[1]]), "sequence 0, position 0: token id -1"),
+    (B.TOKEN_OUT_OF_VOCAB, with_changes(tokens=[T[0], T[1][:4] + [VOCAB]], masks=[M[0], M[1][:4] + [VOCAB]]), "token id 259"),
+    (B.GROUP_TOO_LARGE, {"tokens": [T[1]] * 1000, "masks": [M[1]] * 1000, "scores": [0.0] * 1000, "env_id": None}, "1000 sequences, more than the registered batch_size=8"),
+    (B.GROUP_TOO_LARGE, {"tokens": [T[1]] * 9, "masks": [M[1]] * 9, "scores": [0.0] * 9, "env_id": 77}, "9 sequences"),
     (B.MALFORMED, "not a group", "must be a JSON object"),
     (B.MALFORMED, with_changes(tokens=None), "must be lists"),
-    (B.MALFORMED, with_changes(tokens=[T[0], ["a", "b", "c", "d", "e"]]), "ValueError"),
+    (B.MALFORMED, with_changes(tokens=[T[0], ["a", "b", "c", "d", "e"]]), "sequence 1: 'tokens' must be integers"),
+    (B.MALFORMED, with_changes(tokens=[T[0], T[1][:4] + [22.5]]), "sequence 1: 'tokens' must be integers, got float64"),
+    (B.MALFORMED, with_changes(tokens=[T[0], [1, [2], 3, 4, 5]]), "ValueError"),
     (B.MALFORMED, with_changes(tokens=[T[0], [[1], [2], [3], [4], [5]]]), "flat list of integers"),
     (B.MALFORMED, with_changes(overrides=["zero", {}]), "an override must be an object"),
     (B.MALFORMED, with_changes(env_id="three"), "'env_id' must be an integer"),
@@ -188,3 +208,14 @@ def test_nonfinite_values_outside_trained_positions_are_harmless():
 def test_every_named_reason_is_listed():
     tested = {reason for reason, _, _ in REJECTIONS} | {B.MISSING_ADVANTAGES}
     assert tested == set(B.REJECTION_REASONS)
+
+
+def test_limits_are_inclusive_and_optional():
+    # the largest id in the vocabulary, and a group exactly the registered batch size, are fine
+    top = VOCAB - 1
+    full = {"tokens": [[1, top]] * BATCH, "masks": [[-100, top]] * BATCH, "scores": [3e37] * BATCH}
+    assert convert([full]).rejections == []
+    # without the trainer's limits the converter checks neither
+    unbounded = groups_to_dataproto([{**full, "tokens": [[1, 5000]] * 9, "masks": [[-100, 5000]] * 9,
+                                      "scores": [0.0] * 9}], max_token_len=64, pad_token_id=PAD)
+    assert unbounded.rejections == []

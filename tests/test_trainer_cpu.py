@@ -5,6 +5,7 @@ Atropos environments, each in its own process."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import httpx
@@ -142,19 +143,40 @@ def plain_batch(rng: random.Random) -> list[dict]:
     return groups
 
 
+def out_of_vocabulary(group: dict) -> dict:
+    """The group with one trained token id beyond the tiny model's vocabulary (259 ids)."""
+    tokens, masks = [list(t) for t in group["tokens"]], [list(m) for m in group["masks"]]
+    tokens[1][-2] = masks[1][-2] = 5000
+    return {**group, "tokens": tokens, "masks": masks}
+
+
 def test_resume_from_a_step_2_checkpoint(tmp_path, assets):
     rng = random.Random(1)
     first = CPURun(tmp_path, assets["model"])
     try:
-        first.start_api()
+        # Atropos's run-api takes any group: the trainer's converter is what stands between it and the actor
+        first.start_api("run-api")
         first.start_trainer("trainer.total_training_steps=2", "trainer.save_freq=2")
         first.wait_registered()
-        for _ in range(2):
-            httpx.post(f"{first.api_url}/scored_data_list", json=plain_batch(rng)).raise_for_status()
+        # each batch carries a group the actor cannot take: it is rejected with a reason and the run goes on
+        good, bad = plain_batch(rng)
+        httpx.post(f"{first.api_url}/scored_data_list", json=[good, out_of_vocabulary(bad)]).raise_for_status()
+        good, bad = plain_batch(rng)
+        overflowing = {**bad, "scores": [1e39] + bad["scores"][1:]}  # finite in float64, inf in float32
+        httpx.post(f"{first.api_url}/scored_data_list", json=[good, overflowing]).raise_for_status()
         assert first.wait_trainer() == 0, first.log("trainer")[-4000:]
     finally:
         first.stop()
     assert (tmp_path / "checkpoints" / "global_step_2" / "actor").is_dir()
+    steps = first.steps()
+    assert sorted(steps) == [1, 2]
+    # (the API may serve the two batches in either order)
+    rejected = [name for metrics in steps.values() for name in metrics if name.startswith("atropos/rejected/")]
+    assert sorted(rejected) == ["atropos/rejected/nonfinite_score", "atropos/rejected/token_out_of_vocab"]
+    for metrics in steps.values():
+        assert metrics["atropos/groups"] == 1 and metrics["atropos/groups_rejected"] == 1
+        assert math.isfinite(metrics["atropos/score_mean"]) and math.isfinite(metrics["actor/pg_loss"])
+    assert "token id 5000 is outside the policy's vocabulary [0, 259)" in first.log("trainer")
 
     second = CPURun(tmp_path, assets["model"])
     try:

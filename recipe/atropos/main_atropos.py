@@ -119,6 +119,7 @@ class AtroposTaskRunner(BaseTaskRunner):
             role_worker_mapping=self.role_worker_mapping,
             resource_pool_manager=self.init_resource_pool_mgr(config),
             ray_worker_group_cls=RayWorkerGroup,
+            vocab_size=model_config.hf_config.vocab_size,
         )
         trainer.init_workers()
         trainer.fit()

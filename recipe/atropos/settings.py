@@ -54,6 +54,24 @@ class AtroposConfig(BaseConfig):
         gateway_url_file: file the trainer writes the gateway's address into once it
             listens (with ``gateway_port: 0``, the port it was given); null: none. The
             launcher sets it to ``<run dir>/gateway_url`` and reads it.
+        gateway_max_n: most choices one gateway request may ask for (``n``); more is
+            refused with HTTP 400 naming ``n``.
+        gateway_max_tokens: most new tokens one gateway request may ask for
+            (``max_tokens``, ``max_new_tokens``, ``max_completion_tokens``).
+        gateway_max_concurrency: most single-choice sub-requests the gateway has in
+            flight at once when a replica answers one choice per request (vLLM's
+            tokens-in route) and a request asks for ``n`` > 1; a caller asking for many
+            choices waits behind this limit instead of holding every connection.
+        gateway_model_names: names environments may call the policy by, besides the
+            replicas' own model ids and ``actor_rollout_ref.model.path``; any other name is
+            refused with HTTP 404, as vLLM refuses it.
+        stall_timeout_s: how long ``GET /batch`` may keep answering "no batch" before
+            the trainer reads the API's ``/status`` (and ``/status-env``) and reports
+            why: a queue that holds enough groups for a batch but never forms one (a
+            group larger than the batch, groups that cannot be packed) ends the run
+            with :class:`~recipe.atropos.trainer.trajectory_client.AtroposBatchStalled` naming the cause;
+            an empty or short queue is logged as a warning, again every
+            ``stall_timeout_s``, until ``timeout``.
     """
 
     api_url: str = "http://localhost:9001"
@@ -70,6 +88,11 @@ class AtroposConfig(BaseConfig):
     max_policy_lag_steps: int = 1
     metrics_file: str | None = None
     gateway_url_file: str | None = None
+    gateway_max_n: int = 64
+    gateway_max_tokens: int = 16384
+    gateway_max_concurrency: int = 32
+    gateway_model_names: list[str] = field(default_factory=lambda: ["model"])
+    stall_timeout_s: float = 120.0
 
     @property
     def gateway_url(self) -> str:
@@ -103,6 +126,11 @@ class AtroposConfig(BaseConfig):
                 "trainer.atropos.max_policy_lag_steps must be >= 0 (or -1 for no bound), "
                 f"got {self.max_policy_lag_steps}"
             )
+        for name in ("gateway_max_n", "gateway_max_tokens", "gateway_max_concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.atropos.{name} must be >= 1, got {getattr(self, name)}")
+        if self.stall_timeout_s <= 0:
+            raise ValueError(f"trainer.atropos.stall_timeout_s must be > 0 seconds, got {self.stall_timeout_s}")
         if not 0 < self.backoff_initial_s <= self.backoff_max_s:
             raise ValueError(
                 "trainer.atropos.backoff_initial_s must be > 0 and <= trainer.atropos.backoff_max_s, "

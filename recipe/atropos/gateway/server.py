@@ -18,9 +18,16 @@ instead of failing against a sleeping engine.
 ``resume`` also names the policy version the replicas now hold, and ``/generate``
 records which version sampled each sequence it returns (:mod:`.policy_versions`):
 the trainer reads it back to measure and bound how stale a batch is.
+
+Every body is validated by a typed model (:mod:`.requests`) before it reaches a
+replica: a malformed request gets HTTP 400 naming the field, an unknown model name
+HTTP 404 as vLLM answers it, and ``n`` / ``max_tokens`` are bounded. Replicas that
+answer one choice per request are fanned out to with at most ``max_concurrency``
+sub-requests in flight across the gateway, so one caller asking for many choices
+queues behind that limit instead of holding every connection.
 """
 
-from __future__ import annotations
+# no ``from __future__ import annotations``: FastAPI reads the routes' body types at definition time
 
 import asyncio
 import logging
@@ -30,10 +37,12 @@ from typing import Any
 
 import httpx
 import uvicorn
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from .policy_versions import PolicyVersionLedger
+from .requests import GatewayLimits, request_models, unknown_model_response, validation_error_handler
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +98,16 @@ class Gateway:
     """Routes requests over the replicas; pausable while weights sync."""
 
     def __init__(self, replica_addresses: list[str], request_timeout: float = 600.0,
-                 ledger: PolicyVersionLedger | None = None):
+                 ledger: PolicyVersionLedger | None = None, limits: GatewayLimits | None = None,
+                 model_names: tuple[str, ...] = ()):
         if not replica_addresses:
             raise ValueError("the gateway needs at least one inference replica")
         self.replicas = [a if a.startswith("http") else f"http://{a}" for a in replica_addresses]
         self.request_timeout = request_timeout
+        self.limits = limits if limits is not None else GatewayLimits()
+        # names environments may call the policy by, besides the replicas' own ids
+        self.model_names = frozenset(model_names)
+        self._fan_out = asyncio.Semaphore(self.limits.max_concurrency)
         self.ledger = ledger if ledger is not None else PolicyVersionLedger()
         # the step the replicas' weights were synced after; 0 until the trainer names one
         self.policy_version = 0
@@ -152,6 +166,22 @@ class Gateway:
             raise HTTPException(response.status_code, f"replica {replica} answered {path}: {response.text[:500]}")
         return response.json(), version
 
+    async def forward_single_choices(self, path: str, body: dict[str, Any], count: int) -> list[tuple[dict, int]]:
+        """``count`` requests of one choice each, at most ``limits.max_concurrency`` in flight gateway-wide."""
+
+        async def one() -> tuple[dict, int]:
+            async with self._fan_out:
+                return await self.forward_versioned(path, body)
+
+        return await asyncio.gather(*[one() for _ in range(count)])
+
+    async def is_known_model(self, name: str) -> bool:
+        """Whether ``name`` is a configured name of the policy or a replica's own model id."""
+        if name in self.model_names:
+            return True
+        served = await asyncio.gather(*[self._model_of(replica) for replica in self.replicas], return_exceptions=True)
+        return name in [model for model in served if isinstance(model, str)]
+
     async def _model_of(self, replica: str) -> str:
         if replica not in self._served_model:
             response = await self._client().get(f"{replica}/v1/models", timeout=30)
@@ -180,12 +210,17 @@ class Gateway:
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=self.request_timeout)
+            # room for the fan-out's sub-requests and as many ordinary requests again
+            connections = 2 * self.limits.max_concurrency + 16
+            limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+            self._http = httpx.AsyncClient(timeout=self.request_timeout, limits=limits)
         return self._http
 
 
 def build_app(gateway: Gateway) -> FastAPI:
     app = FastAPI(title="atropos-verl inference gateway")
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    models = request_models(gateway.limits)
 
     @app.get("/health")
     async def health():
@@ -195,8 +230,10 @@ def build_app(gateway: Gateway) -> FastAPI:
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     @app.post("/generate")
-    async def generate(request: Request):
-        vllm_request = atropos_to_vllm_generate(await request.json())
+    async def generate(request: models.generate):
+        if request.model is not None and not await gateway.is_known_model(request.model):
+            return unknown_model_response(request.model)
+        vllm_request = atropos_to_vllm_generate(request.model_dump(exclude_unset=True))
         reply, version = await gateway.forward_versioned("/inference/v1/generate", vllm_request)
         versions = [version] * len(reply.get("choices") or [])
         # vLLM 0.24's tokens-in route answers one choice whatever n asks: sample the rest one by one
@@ -204,9 +241,7 @@ def build_app(gateway: Gateway) -> FastAPI:
         missing = wanted - len(versions)
         if missing > 0:
             single = {**vllm_request, "sampling_params": {**vllm_request["sampling_params"], "n": 1}}
-            extra = await asyncio.gather(
-                *[gateway.forward_versioned("/inference/v1/generate", single) for _ in range(missing)]
-            )
+            extra = await gateway.forward_single_choices("/inference/v1/generate", single, missing)
             reply["choices"] = list(reply["choices"]) + [choice for r, _ in extra for choice in r["choices"]]
             versions += [v for r, v in extra for _ in r["choices"]]
         try:
@@ -219,12 +254,16 @@ def build_app(gateway: Gateway) -> FastAPI:
         return translated
 
     @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await gateway.forward("/v1/completions", await request.json())
+    async def completions(request: models.completion):
+        if request.model is not None and not await gateway.is_known_model(request.model):
+            return unknown_model_response(request.model)
+        return await gateway.forward("/v1/completions", request.model_dump(exclude_unset=True))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await gateway.forward("/v1/chat/completions", await request.json())
+    async def chat_completions(request: models.chat):
+        if request.model is not None and not await gateway.is_known_model(request.model):
+            return unknown_model_response(request.model)
+        return await gateway.forward("/v1/chat/completions", request.model_dump(exclude_unset=True))
 
     return app
 
@@ -237,8 +276,11 @@ class GatewayServer:
     """
 
     def __init__(self, replica_addresses: list[str], host: str = "127.0.0.1", port: int = 8000,
-                 request_timeout: float = 600.0, ledger: PolicyVersionLedger | None = None):
+                 request_timeout: float = 600.0, ledger: PolicyVersionLedger | None = None,
+                 limits: GatewayLimits | None = None, model_names: tuple[str, ...] = ()):
         self.host = host
+        self._limits = limits
+        self._model_names = tuple(model_names)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -267,7 +309,8 @@ class GatewayServer:
         logger.info("inference gateway on %s over replicas %s", self.url, self._replica_addresses)
 
     async def _start(self) -> None:
-        self.gateway = Gateway(self._replica_addresses, request_timeout=self._request_timeout, ledger=self.ledger)
+        self.gateway = Gateway(self._replica_addresses, request_timeout=self._request_timeout, ledger=self.ledger,
+                               limits=self._limits, model_names=self._model_names)
         config = uvicorn.Config(build_app(self.gateway), log_level="warning", lifespan="off")
         self._server = uvicorn.Server(config)
         self._loop.create_task(self._server.serve(sockets=[self._sock]))

@@ -46,6 +46,8 @@ NO_TRAINED_TOKEN = "no_trained_token"
 NO_PROMPT = "no_prompt"
 TOO_LONG = "too_long"
 MISSING_ADVANTAGES = "missing_advantages"
+TOKEN_OUT_OF_VOCAB = "token_out_of_vocab"
+GROUP_TOO_LARGE = "group_too_large"
 
 REJECTION_REASONS = (
     EMPTY_GROUP,
@@ -63,6 +65,8 @@ REJECTION_REASONS = (
     NO_PROMPT,
     TOO_LONG,
     MISSING_ADVANTAGES,
+    TOKEN_OUT_OF_VOCAB,
+    GROUP_TOO_LARGE,
 )
 
 # Keys this module adds beside verl's own (input_ids, attention_mask, position_ids,
@@ -134,6 +138,8 @@ def groups_to_dataproto(
     max_token_len: int,
     pad_token_id: int,
     require_advantages: bool = False,
+    vocab_size: int | None = None,
+    max_group_size: int | None = None,
 ) -> ConversionResult:
     """Validate and convert scored groups into one padded ``DataProto``.
 
@@ -143,13 +149,18 @@ def groups_to_dataproto(
         pad_token_id: id written at padded positions (never attended to).
         require_advantages: reject groups that carry no ``advantages``
             (``trainer.atropos.fallback_to_grpo=false``).
+        vocab_size: rows of the policy's embedding; a token id outside ``[0, vocab_size)``
+            would make the actor index out of range, so its group is rejected.
+        max_group_size: the registered batch size in sequences; a larger group cannot
+            fit any batch the trainer's settings were checked for.
     """
+    limits = _Limits(max_token_len, require_advantages, vocab_size, max_group_size)
     valid: list[tuple[int, _Group]] = []
     rejections: list[Rejection] = []
     for index, group in enumerate(groups):
         env_id = group.get("env_id") if isinstance(group, dict) else None
         try:
-            valid.append((index, _validate_group(group, max_token_len, require_advantages)))
+            valid.append((index, _validate_group(group, limits)))
         except _Rejected as exc:
             rejections.append(Rejection(index, env_id, exc.reason, exc.detail))
         except (TypeError, ValueError, OverflowError, AttributeError) as exc:
@@ -158,7 +169,15 @@ def groups_to_dataproto(
     return ConversionResult(data=data, num_groups=len(groups), rejections=rejections)
 
 
-def _validate_group(group: Any, max_token_len: int, require_advantages: bool) -> _Group:
+@dataclass(frozen=True)
+class _Limits:
+    max_token_len: int
+    require_advantages: bool
+    vocab_size: int | None
+    max_group_size: int | None
+
+
+def _validate_group(group: Any, limits: _Limits) -> _Group:
     if not isinstance(group, dict):
         raise _Rejected(MALFORMED, f"a group must be a JSON object, got {type(group).__name__}")
     tokens = group.get("tokens")
@@ -169,6 +188,11 @@ def _validate_group(group: Any, max_token_len: int, require_advantages: bool) ->
     size = len(tokens)
     if size == 0:
         raise _Rejected(EMPTY_GROUP, "the group has no sequences")
+    if limits.max_group_size is not None and size > limits.max_group_size:
+        raise _Rejected(
+            GROUP_TOO_LARGE,
+            f"{size} sequences, more than the registered batch_size={limits.max_group_size} sequences",
+        )
     if len(scores) != size:
         raise _Rejected(SCORES_COUNT_MISMATCH, f"{len(scores)} scores for {size} sequences")
     if len(masks) != size:
@@ -176,7 +200,7 @@ def _validate_group(group: Any, max_token_len: int, require_advantages: bool) ->
     advantages = _optional_per_sequence(group, "advantages", size, ADVANTAGES_LENGTH_MISMATCH)
     logprobs = _optional_per_sequence(group, "inference_logprobs", size, LOGPROBS_LENGTH_MISMATCH)
     overrides = _optional_per_sequence(group, "overrides", size, OVERRIDES_COUNT_MISMATCH)
-    if advantages is None and require_advantages:
+    if advantages is None and limits.require_advantages:
         raise _Rejected(
             MISSING_ADVANTAGES,
             "the group carries no 'advantages' and trainer.atropos.fallback_to_grpo=false",
@@ -184,9 +208,7 @@ def _validate_group(group: Any, max_token_len: int, require_advantages: bool) ->
     score_array = np.asarray(scores, dtype=np.float64)
     if score_array.ndim != 1:
         raise _Rejected(MALFORMED, "'scores' must be a flat list of numbers")
-    if not np.isfinite(score_array).all():
-        bad = int(np.flatnonzero(~np.isfinite(score_array))[0])
-        raise _Rejected(NONFINITE_SCORE, f"sequence {bad}: score {scores[bad]!r}")
+    _check_scores_fit_float32(score_array, scores)
 
     sequences = []
     for i in range(size):
@@ -204,13 +226,30 @@ def _validate_group(group: Any, max_token_len: int, require_advantages: bool) ->
                 advantages[i] if advantages is not None else None,
                 logprobs[i] if logprobs is not None else None,
                 seq_overrides,
-                max_token_len,
+                limits,
             )
         )
     env_id = group.get("env_id")
     if env_id is not None and not isinstance(env_id, int):
         raise _Rejected(MALFORMED, f"'env_id' must be an integer, got {env_id!r}")
     return _Group(env_id=env_id, sequences=sequences)
+
+
+def _check_scores_fit_float32(score_array: np.ndarray, scores: list) -> None:
+    """The trainer holds scores, and GRPO their group mean and std, in float32: all must stay finite there."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        as_float32 = score_array.astype(np.float32)
+        finite = np.isfinite(as_float32)
+        if not finite.all():
+            bad = int(np.flatnonzero(~finite)[0])
+            what = "score" if not np.isfinite(score_array[bad]) else "score, beyond float32's range,"
+            raise _Rejected(NONFINITE_SCORE, f"sequence {bad}: {what} {scores[bad]!r}")
+        mean = as_float32.mean(dtype=np.float32)
+        std = as_float32.std(dtype=np.float32)
+    if not (np.isfinite(mean) and np.isfinite(std)):
+        raise _Rejected(
+            NONFINITE_SCORE, f"the group's score mean ({mean}) or std ({std}) overflows float32; scores {scores!r}"
+        )
 
 
 def _optional_per_sequence(group: dict, key: str, size: int, reason: str) -> list | None:
@@ -225,14 +264,18 @@ def _optional_per_sequence(group: dict, key: str, size: int, reason: str) -> lis
 
 
 def _int_row(values: Any, what: str, i: int) -> np.ndarray:
-    row = np.asarray(values, dtype=np.int64)
+    row = np.asarray(values)
     if row.ndim != 1:
         raise _Rejected(MALFORMED, f"sequence {i}: '{what}' must be a flat list of integers")
-    return row
+    # a cast would turn 3.5 into token 3 and "7" into token 7 without a word
+    if row.size and row.dtype.kind not in "iu":
+        raise _Rejected(MALFORMED, f"sequence {i}: '{what}' must be integers, got {row.dtype} values")
+    return row.astype(np.int64)
 
 
 def _float_row(values: Any, what: str, i: int) -> np.ndarray:
-    row = np.asarray(values, dtype=np.float32)
+    with np.errstate(over="ignore"):  # an overflow becomes inf, rejected below as not finite
+        row = np.asarray(values, dtype=np.float32)
     if row.ndim != 1:
         raise _Rejected(MALFORMED, f"sequence {i}: '{what}' must be a flat list of numbers")
     return row
@@ -246,17 +289,26 @@ def _validate_sequence(
     advantages: Any,
     logprobs: Any,
     overrides: dict | None,
-    max_token_len: int,
+    limits: _Limits,
 ) -> _Sequence:
     token_row = _int_row(tokens, "tokens", i)
     mask_row = _int_row(mask, "masks", i)
     length = len(token_row)
     if len(mask_row) != length:
         raise _Rejected(MASKS_LENGTH_MISMATCH, f"sequence {i}: {length} tokens but {len(mask_row)} mask entries")
-    if length > max_token_len:
+    if length > limits.max_token_len:
         raise _Rejected(
-            TOO_LONG, f"sequence {i}: {length} tokens, more than the registered max_token_len={max_token_len}"
+            TOO_LONG, f"sequence {i}: {length} tokens, more than the registered max_token_len={limits.max_token_len}"
         )
+    if limits.vocab_size is not None:
+        outside = (token_row < 0) | (token_row >= limits.vocab_size)
+        if outside.any():
+            at = int(np.flatnonzero(outside)[0])
+            raise _Rejected(
+                TOKEN_OUT_OF_VOCAB,
+                f"sequence {i}, position {at}: token id {int(token_row[at])} is outside the policy's vocabulary "
+                f"[0, {limits.vocab_size})",
+            )
     trained = mask_row != IGNORE_MASK
     wrong = trained & (mask_row != token_row)
     if wrong.any():

@@ -53,11 +53,13 @@ class ShapedBatch:
 
 
 def convert_groups(
-    groups: list[dict], *, max_token_len: int, pad_token_id: int, require_advantages: bool
+    groups: list[dict], *, max_token_len: int, pad_token_id: int, require_advantages: bool,
+    vocab_size: int | None = None, max_group_size: int | None = None,
 ) -> ConversionResult:
     """Stage 1: validate and convert scored groups (every bad group rejected with a reason)."""
     return groups_to_dataproto(
-        groups, max_token_len=max_token_len, pad_token_id=pad_token_id, require_advantages=require_advantages
+        groups, max_token_len=max_token_len, pad_token_id=pad_token_id, require_advantages=require_advantages,
+        vocab_size=vocab_size, max_group_size=max_group_size,
     )
 
 

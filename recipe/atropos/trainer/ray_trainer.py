@@ -40,6 +40,7 @@ from verl.utils.debug import marked_timer
 from verl.utils.metric import reduce_metrics
 from verl.utils.tracking import Tracking
 
+from ..gateway.requests import GatewayLimits
 from ..gateway.server import GatewayServer
 from ..settings import AtroposConfig, max_token_len, registered_batch_size
 from .advantages import apply_atropos_advantages
@@ -71,8 +72,12 @@ class _NoTrainData:
 class RayGRPOAtroposTrainer(RayPPOTrainer):
     """GRPO on batches from the Atropos trajectory API; see the module docstring."""
 
-    def __init__(self, config, tokenizer, role_worker_mapping, resource_pool_manager, **kwargs):
+    def __init__(self, config, tokenizer, role_worker_mapping, resource_pool_manager, vocab_size: int | None = None,
+                 **kwargs):
         self.atropos = AtroposConfig.from_run_config(config)
+        # rows of the policy's embedding: a token id outside them would crash the actor, so the
+        # converter rejects its group (None: only the tokenizer's size is known)
+        self.vocab_size = vocab_size if vocab_size is not None else len(tokenizer)
         self.gateway: GatewayServer | None = None
         self._fixed_probe: tuple[list[int], int] | None = None  # see _weight_sync_gap
         self.policy_version = 0  # the step the replicas' weights were last synced after
@@ -103,6 +108,12 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             host=self.atropos.gateway_host,
             port=self.atropos.gateway_port,
             request_timeout=self.atropos.timeout,
+            limits=GatewayLimits(
+                max_n=self.atropos.gateway_max_n,
+                max_tokens=self.atropos.gateway_max_tokens,
+                max_concurrency=self.atropos.gateway_max_concurrency,
+            ),
+            model_names=self._policy_names(),
         )
         self.gateway.start()
         # the replicas are asleep (colocated) or hold no trained weights yet (standalone) until
@@ -116,6 +127,12 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             partial = target.with_name(target.name + ".partial")
             partial.write_text(self.gateway.url + "\n")
             partial.replace(target)
+
+    def _policy_names(self) -> tuple[str, ...]:
+        """What environments may call the policy at the gateway (the launcher passes the model path)."""
+        model = self.config.actor_rollout_ref.model
+        paths = {str(model.path), os.path.expanduser(str(model.path))}
+        return tuple(sorted(paths | set(self.atropos.gateway_model_names)))
 
     def _init_standalone_layout(self):
         """The actor (with its reference policy) on the trainer's GPUs, the replicas on their own.
@@ -213,6 +230,8 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             max_token_len=self.max_token_len,
             pad_token_id=pad,
             require_advantages=not self.atropos.fallback_to_grpo,
+            vocab_size=self.vocab_size,
+            max_group_size=self.registration().batch_size,
         )
 
     # -- the loop --------------------------------------------------------------------

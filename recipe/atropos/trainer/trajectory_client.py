@@ -4,7 +4,9 @@ Every call names the URL it used when it fails. Transient failures (connection
 refused or reset, a timeout, a 5xx, a body that is not JSON) are retried with
 exponential backoff; a 4xx or an error body fails at once with the server's own
 message, because asking again cannot fix it. An empty ``/batch`` is polled with
-the same backoff until a batch is full or ``timeout`` has passed.
+the same backoff until a batch is full or ``timeout`` has passed; every
+``stall_timeout`` of that wait the API's queue is read and explained
+(:mod:`.stall`), and a queue that will never form a batch ends the wait at once.
 
 An API that restarts is waited for: transient failures keep being retried until
 ``outage_s`` has passed, and an API that answers that this trainer is not registered
@@ -22,6 +24,7 @@ from typing import Any
 import httpx
 
 from ..settings import AtroposConfig
+from .stall import QueueState, diagnose
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,10 @@ class AtroposRequestError(AtroposAPIError):
 
 class AtroposBatchTimeout(AtroposAPIError, TimeoutError):
     """No full batch arrived within the configured wait."""
+
+
+class AtroposBatchStalled(AtroposAPIError):
+    """The API holds groups enough for a batch but cannot form one; waiting longer would not help."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,7 @@ class AtroposClient:
         max_retries: int = 5,
         backoff_initial_s: float = 0.05,
         backoff_max_s: float = 2.0,
+        stall_timeout: float = 120.0,
         transport: httpx.BaseTransport | None = None,
         outage_s: float = 0.0,
     ):
@@ -97,6 +105,7 @@ class AtroposClient:
         self.max_retries = max_retries
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
+        self.stall_timeout = stall_timeout
         self.outage_s = outage_s
         # what register() sent, to register again at ``step`` if the API forgets this trainer
         self._registration: Registration | None = None
@@ -114,6 +123,7 @@ class AtroposClient:
             max_retries=config.max_retries,
             backoff_initial_s=config.backoff_initial_s,
             backoff_max_s=config.backoff_max_s,
+            stall_timeout=config.stall_timeout_s,
             outage_s=config.api_outage_s,
         )
 
@@ -149,12 +159,16 @@ class AtroposClient:
         """Wait for one full batch; poll with backoff while the API answers ``{"batch": null}``.
 
         Raises :class:`AtroposBatchTimeout` after ``timeout`` seconds (default: the
-        client's), naming the URL, the wait and what the API had queued. Returns
-        ``None`` if ``cancel`` is set while waiting.
+        client's), naming the URL, the wait and what the API had queued. Every
+        ``stall_timeout`` seconds of waiting it reads the API's queue: raises
+        :class:`AtroposBatchStalled` with the cause if the queue cannot form a batch,
+        logs why it waits otherwise. Returns ``None`` if ``cancel`` is set while waiting.
         """
         wait_limit = self.timeout if timeout is None else timeout
         started = time.monotonic()
         deadline = started + wait_limit
+        next_check = started + self.stall_timeout
+        stall: str | None = None  # the cause, once the queue was found unable to form a batch
         delay = self.backoff_initial_s
         polls = 0
         while True:
@@ -183,6 +197,13 @@ class AtroposClient:
                         f"GET {self._url('/batch')} answered a 'batch' that is not a list: {type(groups).__name__}"
                     )
                 return FetchedBatch(groups=groups, wait_s=time.monotonic() - started, polls=polls)
+            if stall is not None:
+                raise AtroposBatchStalled(stall)
+            if time.monotonic() >= next_check:
+                stall = self._check_queue(time.monotonic() - started)
+                next_check = time.monotonic() + self.stall_timeout
+                if stall is not None:
+                    continue  # one more poll at once: groups posted since the last one may have formed a batch
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AtroposBatchTimeout(self._timeout_message(time.monotonic() - started, wait_limit))
@@ -199,6 +220,43 @@ class AtroposClient:
     def info(self) -> dict[str, Any]:
         """``GET /info``: the registered ``batch_size`` and ``max_token_len`` (-1 before /register)."""
         return self._call("GET", "/info")
+
+    def queue_state(self) -> QueueState:
+        """The API's queue: ``/status``, the registered batch size and, when an environment is
+        registered, the largest queued group (``/status-env``)."""
+        status = self.status()
+        return QueueState(
+            current_step=int(status.get("current_step", 0)),
+            queue_size=int(status.get("queue_size", 0)),
+            batch_size=int(self.info().get("batch_size", -1)),
+            max_group_size=self._largest_queued_group(),
+        )
+
+    def _largest_queued_group(self) -> int | None:
+        # /status-env reports the largest group across the whole queue, whichever env asks; it
+        # answers HTTP 500 when no environment is registered, so one plain attempt, no retries
+        try:
+            response = self._http.request("GET", "/status-env", json={"env_id": 0}, timeout=10)
+            body = response.json() if response.status_code == 200 else {}
+        except (httpx.HTTPError, ValueError):
+            return None
+        size = body.get("max_group_size") if isinstance(body, dict) else None
+        return int(size) if isinstance(size, int) else None
+
+    def _check_queue(self, waited: float) -> str | None:
+        """Why no batch came for ``waited`` seconds: the cause if the queue cannot form one, else ``None``
+        (after logging why the trainer waits)."""
+        try:
+            state = self.queue_state()
+        except AtroposAPIError as exc:
+            logger.warning("no batch from GET %s for %.0f s, and its queue could not be read: %s",
+                           self._url("/batch"), waited, exc)
+            return None
+        diagnosis = diagnose(state, waited)
+        if diagnosis.stalled:
+            return f"{self._url('/batch')}: {diagnosis.cause} (trainer.atropos.stall_timeout_s={self.stall_timeout:g})"
+        logger.warning("%s: %s", self._url("/batch"), diagnosis.cause)
+        return None
 
     def disconnect_env(self, env_id: int) -> None:
         body = self._call("POST", "/disconnect-env", json={"env_id": env_id})
