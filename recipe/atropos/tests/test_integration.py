@@ -216,7 +216,7 @@ def test_launcher_trains_three_steps_with_two_environments(launch):
 
 def test_a_killed_environment_and_api_are_restarted_and_nothing_accepted_is_lost(launch):
     run = launch("trainer.total_training_steps=4", "services.env_restart_backoff_s=0.5")
-    run.wait_steps(1, timeout=420)
+    run.wait_steps(1, timeout=900)
     assert run.listening_beyond_loopback() == []
 
     # the API first: on its restart every environment gets a fresh env_silence_s
@@ -276,7 +276,7 @@ def test_ctrl_c_stops_everything_cleanly(launch):
 def test_a_launcher_ended_by_a_signal_leaves_nothing_behind(launch, signum):
     """A closed terminal, a kill, a kill -9: within 30 s no process of the run is left, Ray's included."""
     run = launch("trainer.total_training_steps=200")
-    run.wait_console("environment(s) registered with the API ready", timeout=420)
+    run.wait_console("environment(s) registered with the API ready", timeout=900)
     run.process.send_signal(signum)
     run.process.wait(timeout=120)
     deadline = time.monotonic() + 30
