@@ -17,12 +17,14 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from recipe.atropos.launcher.launch import api_in_use
+from recipe.atropos.launcher.launch import Launcher, api_in_use
+from recipe.atropos.launcher.service_process import Service
 from recipe.atropos.launcher.supervision import RestartPolicy, Supervisor
 from recipe.atropos.trainer.trajectory_client import AtroposClient, AtroposConnectionError, Registration
 from tests.test_api_server import APIProcess, register, scored_group, served_tags
@@ -180,3 +182,53 @@ def _sid(pid: int) -> int | None:
         return os.getsid(pid)
     except (ProcessLookupError, PermissionError):
         return None
+
+
+# -- the launcher's supervision, on real processes that die ------------------------------------------
+
+CPU_CONFIG = Path(__file__).resolve().parents[1] / "recipe" / "atropos" / "config" / "atropos_grpo_cpu.yaml"
+
+
+def supervised(tmp_path: Path, *overrides: str) -> Launcher:
+    """A launcher of the CPU config whose services are replaced by processes that die on their own."""
+    launcher = Launcher(CPU_CONFIG, ["trainer.atropos.api_url=http://127.0.0.1:9", *overrides], tmp_path)
+    dies = [sys.executable, "-c", "import sys; print('dying'); sys.exit(3)"]
+    launcher.services = [Service(name, dies, tmp_path / f"{name}.log") for name in ("api", "gsm8k_0")]
+    for service in launcher.services:
+        service.start()
+        service.process.wait(timeout=60)
+    return launcher
+
+
+def until_supervised(launcher: Launcher, done, timeout: float = 60) -> str | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        failure = launcher._supervise()
+        if failure or done():
+            return failure
+        time.sleep(0.1)
+    raise AssertionError("nothing happened within the wait")
+
+
+def test_the_launcher_restarts_a_dead_api_and_environment_then_names_one_that_keeps_dying(tmp_path, capsys):
+    launcher = supervised(tmp_path, "services.env_restart_backoff_s=0.1", "services.env_restarts=1",
+                          "services.api_restarts=1")
+    first = {service.name: service.pid for service in launcher.services}
+    assert until_supervised(launcher, lambda: launcher.supervisor.restarts["gsm8k_0"] == 1
+                            and launcher.supervisor.restarts["api"] == 1) is None
+    # both started again: new processes
+    assert all(service.pid != first[service.name] for service in launcher.services)
+    for service in launcher.services:
+        service.process.wait(timeout=60)
+    failure = until_supervised(launcher, lambda: False)
+    assert failure.startswith("api kept dying: exited with 3 after 1 restart(s) (services.api_restarts=1)")
+    assert "dying" in failure  # with its last log lines
+    assert json.loads((tmp_path / "restarts.json").read_text())["by_service"] == {"api": 1, "gsm8k_0": 1}
+    assert "[launcher] restarting gsm8k_0 (restart 1)" in capsys.readouterr().out
+
+
+def test_with_run_api_a_dead_api_stops_the_run_saying_its_queue_is_lost(tmp_path):
+    launcher = supervised(tmp_path, "services.api=run-api")
+    failure = launcher._supervise()
+    assert failure.startswith("api (run-api) exited with 3: run-api keeps its queue in memory, so every group")
+    assert launcher.supervisor.restarts == {}
