@@ -23,8 +23,9 @@ from verl.utils.config import omega_conf_to_dataclass, validate_config
 
 
 def bind_ray(config) -> None:
-    """Start Ray's node on ``services.node_ip`` (default 127.0.0.1): its raylet, object store and
-    agents then listen on that address only, not on every interface of the machine.
+    """Start Ray's node on ``services.node_ip`` (default 127.0.0.1): its dashboard agent and object
+    manager then listen on that address, not on the machine's external one. (Ray 2.60's GCS and
+    raylet gRPC servers listen on every interface whatever this address.)
 
     Left alone where ``ray_kwargs.ray_init`` names ``address`` (joining a cluster) or its own
     ``_node_ip_address``.

@@ -191,8 +191,8 @@ class ServicesConfig:
         env_restart_backoff_s: pause before an environment's first restart; it doubles with each.
         api_restarts: how many times ``recipe.atropos.api`` is started again when it dies (its
             queue is on disk); ``run-api`` keeps its queue in memory and is never restarted.
-        node_ip: the address Ray's node, its agents and the services bind: ``127.0.0.1`` (the
-            default) keeps everything on this machine; a multi-node run sets this machine's address.
+        node_ip: the address Ray's node is started on (its agents listen there): ``127.0.0.1`` by
+            default; a multi-node run sets this machine's address.
         envs: the environments.
     """
 
