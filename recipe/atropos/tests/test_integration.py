@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import psutil
 import pytest
@@ -50,13 +51,14 @@ class LauncherRun:
 
     def __init__(self, assets, run_dir: Path, *overrides: str):
         self.run_dir = run_dir
+        self.api_url = f"http://127.0.0.1:{free_port()}"
         self.service = start_service(
             f"launcher-{run_dir.name}",
             [
                 sys.executable, str(LAUNCHER), "--config", str(CONFIG), "--run-dir", str(run_dir),
                 f"actor_rollout_ref.model.path={assets['model']}",
                 f"data.train_files={assets['train']}",
-                f"trainer.atropos.api_url=http://127.0.0.1:{free_port()}",
+                f"trainer.atropos.api_url={self.api_url}",
                 # any free port: the trainer reports the one it bound, the launcher wires the environments to it
                 "trainer.atropos.gateway_port=0",
                 "services.status_interval_s=5",
@@ -70,6 +72,9 @@ class LauncherRun:
     @property
     def lines(self) -> list[str]:
         return self.service.log_path.read_text(errors="replace").splitlines()
+
+    def gateway_url(self) -> str:
+        return (self.run_dir / "gateway_url").read_text().strip()
 
     def steps(self) -> dict[int, dict[str, float]]:
         """The trainer's metrics so far, from the run's metrics file."""
@@ -215,16 +220,19 @@ def test_launcher_trains_three_steps_with_two_environments(launch):
     assert run.alive() == []
 
 
-RAY_GRPC_SERVER = re.compile(r"^\S+ (gcs_server|raylet): ")
+RAY_GRPC_SERVER = re.compile(r"^:::\d+ (gcs_server|raylet|python[\d.]*|ray::\S+): ")
 
 
 def test_a_killed_environment_and_api_are_restarted_and_nothing_accepted_is_lost(launch):
     run = launch("trainer.total_training_steps=4", "services.env_restart_backoff_s=0.5")
     run.wait_steps(1, timeout=900)
-    # Ray 2.60's GCS and raylet gRPC servers bind every interface, whatever the node address (no
-    # setting changes it); everything else of the run listens on 127.0.0.1 only
+    # Ray 2.60's gRPC servers (GCS, raylet, and one in every Ray worker and driver) bind the IPv6
+    # wildcard whatever the node address; no setting changes it. Nothing listens on 0.0.0.0 or on
+    # the machine's own address, and the run's own servers are on 127.0.0.1 only.
     beyond = run.listening_beyond_loopback()
     assert [entry for entry in beyond if not RAY_GRPC_SERVER.search(entry)] == [], beyond
+    own_ports = {urlparse(run.gateway_url()).port, urlparse(run.api_url).port}
+    assert [entry for entry in beyond if int(entry.split(" ")[0].rsplit(":", 1)[1]) in own_ports] == [], beyond
 
     # the API first: on its restart every environment gets a fresh env_silence_s
     run.process_running("-m", "recipe.atropos.api").kill()
