@@ -24,8 +24,8 @@ from verl.utils.config import omega_conf_to_dataclass, validate_config
 
 def bind_ray(config) -> None:
     """Start Ray's node on ``services.node_ip`` (default 127.0.0.1): its dashboard agent and object
-    manager then listen on that address, not on the machine's external one. (Ray 2.60's GCS and
-    raylet gRPC servers listen on every interface whatever this address.)
+    manager then listen on that address, not on the machine's external one. (Ray 2.60's gRPC
+    servers, in the GCS, the raylet and every worker, listen on ``[::]`` whatever this address.)
 
     Left alone where ``ray_kwargs.ray_init`` names ``address`` (joining a cluster) or its own
     ``_node_ip_address``.
