@@ -30,8 +30,8 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from recipe.atropos.gateway import GatewayServer
 from recipe.atropos.gateway.requests import GatewayLimits
+from recipe.atropos.gateway.server import GatewayServer
 
 PROMPT = {"prompt": {"prompt_token_ids": [5, 6, 7]}, "max_tokens": 8, "logprobs": 0}
 ONE_CHOICE = {"choices": [{"token_ids": [2], "finish_reason": "stop", "logprobs": {"content": [{"logprob": -0.5}]}}]}

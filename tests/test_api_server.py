@@ -239,7 +239,7 @@ def test_a_nan_group_is_refused_and_the_good_groups_in_flight_are_served(api):
     assert answer["accepted"] == 2 and answer["groups_processed"] == 3
     assert answer["refused"] == [
         {"index": 1, "field": "scores[1]", "reason": "nonfinite_score",
-         "detail": "not a finite number (NaN or infinity)"}
+         "detail": "not a finite number (NaN, infinity, or beyond float32's range)"}
     ]
     with AtroposClient(api.url, timeout=10) as client:
         batch = client.fetch_batch()
@@ -269,6 +269,11 @@ def with_change(change):
         (with_change(lambda g: g["tokens"][3].__setitem__(1, 1000)), "tokens[3][1]", "token_out_of_range"),
         (with_change(lambda g: g["tokens"][0].__setitem__(0, -1)), "tokens[0][0]", "token_out_of_range"),
         (with_change(lambda g: g.update(tokens=[], masks=[], scores=[])), "tokens", "empty_group"),
+        # finite as JSON, infinite once the trainer casts it to float32
+        (with_change(lambda g: g["scores"].__setitem__(1, 1e39)), "scores[1]", "nonfinite_score"),
+        # more sequences than the registered batch (4) could never be served
+        (with_change(lambda g: g.update(tokens=g["tokens"] * 2, masks=g["masks"] * 2, scores=g["scores"] * 2)),
+         "tokens", "group_too_large"),
     ],
 )
 def test_a_malformed_group_is_refused_with_its_field_and_reason(api, group, field, reason):

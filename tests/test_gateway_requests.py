@@ -15,8 +15,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from recipe.atropos.gateway import GatewayServer
 from recipe.atropos.gateway.requests import GatewayLimits
+from recipe.atropos.gateway.server import GatewayServer
 from tests.conftest import ServedApp
 from tests.test_gateway import RECORDED
 

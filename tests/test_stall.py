@@ -1,6 +1,7 @@
 """A trajectory API that cannot form a batch is reported with its cause, never waited on silently.
 
-Against a real run-api: one group larger than the registered batch (env_id null, unregistered or
+Against a real run-api (the project's own API refuses such groups at the door, tested at the end):
+one group larger than the registered batch (env_id null, unregistered or
 registered) blocks every batch after it; the client names it after trainer.atropos.stall_timeout_s
 instead of waiting out trainer.atropos.timeout. An empty queue is logged with its cause.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
+import httpx
 import pytest
 
 from recipe.atropos.trainer.stall import QueueState, diagnose
@@ -52,6 +54,7 @@ OVERSIZED = [
 ]
 
 
+@pytest.mark.parametrize("trajectory_api", ["run-api"], indirect=True)
 @pytest.mark.parametrize("case, register_env, env_id, cause", OVERSIZED, ids=[c[0] for c in OVERSIZED])
 def test_an_oversized_group_is_reported_with_its_cause(trajectory_api, client, case, register_env, env_id, cause):
     if register_env:
@@ -79,6 +82,7 @@ def test_an_empty_queue_is_logged_with_its_cause_until_the_timeout(client, caplo
     assert "env.rollout_server_url" in reports[0]
 
 
+@pytest.mark.parametrize("trajectory_api", ["run-api"], indirect=True)
 @pytest.mark.parametrize("first", [group(4), group(0)], ids=["half a batch", "an empty group"])
 def test_a_queue_that_does_not_drain_is_reported(trajectory_api, client, caplog, first):
     trajectory_api.post("/scored_data", first)
@@ -100,3 +104,14 @@ def test_diagnosis(state, stalled, phrase):
     diagnosis = diagnose(state, waited_s=60)
     assert diagnosis.stalled is stalled
     assert phrase in diagnosis.cause and "60 s" in diagnosis.cause
+
+
+@pytest.mark.parametrize("trajectory_api", ["recipe.atropos.api"], indirect=True)
+@pytest.mark.parametrize("bad, reason", [(group(1000), "group_too_large"), (group(0), "empty_group")],
+                         ids=["oversized", "empty"])
+def test_the_projects_api_refuses_what_would_stall_a_batch(trajectory_api, client, bad, reason):
+    answer = httpx.post(f"{trajectory_api.url}/scored_data", json=bad, timeout=10)
+    assert answer.status_code == 422, answer.text
+    assert reason in answer.text
+    trajectory_api.post("/scored_data_list", [group(4), group(4)])
+    assert client.fetch_batch().num_sequences == 8

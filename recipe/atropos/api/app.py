@@ -175,10 +175,12 @@ class TrajectoryAPI:
         """Check and queue a list of groups in one transaction: (answers of the accepted, refusals)."""
         answers, refusals = [], []
         vocab_size = self.vocab_size()
+        # a group larger than the registered batch could never be served: it would block every batch
+        max_group_size = (self.registration or {}).get("batch_size") or None
         with self.store.transaction():
             for index, scored in enumerate(groups):
                 group = scored.as_group()
-                refusal = check_group(group, vocab_size)
+                refusal = check_group(group, vocab_size, max_group_size)
                 if refusal is not None:
                     self._count_refusal(group.get("env_id"), refusal)
                     refusals.append({"index": index, **refusal.as_dict()})

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 EMPTY_GROUP = "empty_group"
+GROUP_TOO_LARGE = "group_too_large"
 SCORES_COUNT_MISMATCH = "scores_count_mismatch"
 MASKS_LENGTH_MISMATCH = "masks_length_mismatch"
 ADVANTAGES_LENGTH_MISMATCH = "advantages_length_mismatch"
@@ -62,12 +63,26 @@ _NONFINITE_REASON = {
 }
 
 
-def check_group(group: dict[str, Any], vocab_size: int | None = None) -> Refusal | None:
-    """The first reason to refuse ``group`` (a parsed ScoredData as a dict), or ``None`` if it is sound."""
+# Beyond this a number is infinite once the trainer casts it to float32.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_group(
+    group: dict[str, Any], vocab_size: int | None = None, max_group_size: int | None = None
+) -> Refusal | None:
+    """The first reason to refuse ``group`` (a parsed ScoredData as a dict), or ``None`` if it is sound.
+
+    ``max_group_size``: the registered batch size, when a trainer registered; a larger group could
+    never be put in a batch (groups are not split) and would hold up every batch behind it.
+    """
     tokens = group["tokens"]
     size = len(tokens)
     if size == 0:
         return Refusal("tokens", EMPTY_GROUP, "the group has no sequences")
+    if max_group_size is not None and size > max_group_size:
+        return Refusal(
+            "tokens", GROUP_TOO_LARGE, f"{size} sequences, more than the registered batch_size={max_group_size}"
+        )
     if len(group["scores"]) != size:
         return Refusal("scores", SCORES_COUNT_MISMATCH, f"{len(group['scores'])} scores for {size} sequences")
     for key, reason in _ROW_PER_SEQUENCE.items():
@@ -87,18 +102,19 @@ def check_group(group: dict[str, Any], vocab_size: int | None = None) -> Refusal
     version = group.get("policy_version")
     if version is not None and version < 0:
         return Refusal("policy_version", INVALID_POLICY_VERSION, f"{version} is negative")
-    # every number must be finite: JSON cannot carry NaN or infinity back to the trainer
+    # every number must be finite, in float32 too: JSON cannot carry NaN or infinity back to the
+    # trainer, and a value beyond float32's range turns into infinity there
     for key, value in group.items():
         path = _first_nonfinite(value, key)
         if path is not None:
             reason = _NONFINITE_REASON.get(key, NONFINITE_NUMBER)
-            return Refusal(path, reason, "not a finite number (NaN or infinity)")
+            return Refusal(path, reason, "not a finite number (NaN, infinity, or beyond float32's range)")
     return None
 
 
 def _first_nonfinite(value: Any, path: str) -> str | None:
     if isinstance(value, float):
-        return None if math.isfinite(value) else path
+        return None if math.isfinite(value) and abs(value) <= FLOAT32_MAX else path
     if isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             found = _first_nonfinite(item, f"{path}[{i}]")
