@@ -15,11 +15,30 @@ import socket
 
 import hydra
 import ray
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from verl.trainer.main_ppo import run_ppo
 from verl.trainer.main_ppo_v0 import BaseTaskRunner
 from verl.trainer.ppo.utils import need_critic, need_reference_policy
 from verl.utils.config import omega_conf_to_dataclass, validate_config
+
+
+def bind_ray(config) -> None:
+    """Start Ray's node on ``services.node_ip`` (default 127.0.0.1): its dashboard agent and object
+    manager then listen on that address, not on the machine's external one. (Ray 2.60's gRPC
+    servers, in the GCS, the raylet and every worker, listen on ``[::]`` whatever this address.)
+
+    Left alone where ``ray_kwargs.ray_init`` names ``address`` (joining a cluster) or its own
+    ``_node_ip_address``.
+    """
+    from .settings import ServicesConfig
+
+    ray_init = config.ray_kwargs.get("ray_init") or {}
+    if ray_init.get("address") or ray_init.get("_node_ip_address"):
+        return
+    with open_dict(config):
+        if config.ray_kwargs.get("ray_init") is None:
+            config.ray_kwargs.ray_init = {}
+        config.ray_kwargs.ray_init["_node_ip_address"] = ServicesConfig.from_run_config(config).node_ip
 
 
 def check_config(config) -> None:
@@ -110,6 +129,7 @@ class AtroposTaskRunner(BaseTaskRunner):
 @hydra.main(config_path="config", config_name="atropos_grpo_small", version_base=None)
 def main(config) -> None:
     check_config(config)
+    bind_ray(config)
     run_ppo(config, task_runner_class=ray.remote(num_cpus=1)(AtroposTaskRunner))
 
 

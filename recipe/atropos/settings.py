@@ -34,6 +34,9 @@ class AtroposConfig(BaseConfig):
         backoff_initial_s: first pause between retries and between polls of an
             empty ``/batch``; it doubles up to ``backoff_max_s``.
         backoff_max_s: longest pause between retries and polls.
+        api_outage_s: how long a call keeps retrying while the API cannot be reached (a
+            restart of the API): connection errors and 5xx are retried, beyond ``max_retries``,
+            until this many seconds have passed; then the call fails.
         gateway_host: address the inference gateway listens on.
         gateway_port: port of the inference gateway (0: any free port).
         check_weight_sync: after every weight sync, score one trained sequence on the
@@ -82,6 +85,7 @@ class AtroposConfig(BaseConfig):
     max_retries: int = 5
     backoff_initial_s: float = 0.05
     backoff_max_s: float = 2.0
+    api_outage_s: float = 120.0
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8000
     check_weight_sync: bool = False
@@ -196,6 +200,13 @@ class ServicesConfig:
             what it saw (0: wait for ever, up to ``trainer.atropos.timeout``).
         max_rejected_batches: stop the run after this many batches in a row of which every
             group was rejected, naming the environments and reasons (0: never).
+        env_restarts: how many times an environment that died is started again; one more death
+            fails the run, naming it.
+        env_restart_backoff_s: pause before an environment's first restart; it doubles with each.
+        api_restarts: how many times ``recipe.atropos.api`` is started again when it dies (its
+            queue is on disk); ``run-api`` keeps its queue in memory and is never restarted.
+        node_ip: the address Ray's node is started on (its agents listen there): ``127.0.0.1`` by
+            default; a multi-node run sets this machine's address.
         envs: the environments.
     """
 
@@ -206,6 +217,10 @@ class ServicesConfig:
     stop_grace_s: float = 20.0
     first_step_timeout_s: float = 240.0
     max_rejected_batches: int = 3
+    env_restarts: int = 3
+    env_restart_backoff_s: float = 2.0
+    api_restarts: int = 3
+    node_ip: str = "127.0.0.1"
     envs: list[EnvServiceConfig] = field(default_factory=list)
 
     @classmethod
@@ -217,6 +232,9 @@ class ServicesConfig:
         services = OmegaConf.to_object(typed)
         if services.api not in API_SERVERS:
             raise ValueError(f"services.api must be one of {', '.join(API_SERVERS)}; got {services.api!r}")
+        for key in ("env_restarts", "api_restarts"):
+            if getattr(services, key) < 0:
+                raise ValueError(f"services.{key} must be >= 0, got {getattr(services, key)}")
         for index, env in enumerate(services.envs):
             if bool(env.module) == bool(env.script):
                 raise ValueError(f"services.envs[{index}] needs exactly one of 'module' or 'script'")

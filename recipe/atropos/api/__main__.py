@@ -11,7 +11,7 @@ from pathlib import Path
 
 import uvicorn
 
-from .app import create_app
+from .app import ENV_SILENCE_S, create_app
 from .store import BUFFERED, QUEUED, Store
 
 TOKEN_ENV = "ATROPOS_API_TOKEN"
@@ -59,6 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="refuse groups with token ids >= this (the model's vocabulary); /register may also send vocab_size",
     )
+    parser.add_argument(
+        "--env-silence-s",
+        type=float,
+        default=ENV_SILENCE_S,
+        help="an environment that has not asked /status-env for this long (it died) no longer holds batches "
+        f"back with its min_batch_allocation (default {ENV_SILENCE_S:g})",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
@@ -88,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             buffered,
             len(store.envs()),
         )
-    app = create_app(store, token=token, vocab_size=args.vocab_size)
+    app = create_app(store, token=token, vocab_size=args.vocab_size, env_silence_s=args.env_silence_s)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 # the least weight /status-env reports, so no environment is starved entirely
 MIN_ENV_WEIGHT = 0.01
+# An environment asks /status-env many times a second while it runs. One silent this long has
+# died (its restart registers under a new id): its min_batch_allocation no longer holds batches back.
+ENV_SILENCE_S = 30.0
 
 EMPTY_EXAMPLE = {
     "tokens": [],
@@ -50,9 +53,21 @@ def env_key(env_id: int | None) -> str:
 class TrajectoryAPI:
     """The protocol's operations on a :class:`Store`; the routes below are thin wrappers."""
 
-    def __init__(self, store: Store, vocab_size: int | None = None):
+    def __init__(self, store: Store, vocab_size: int | None = None, env_silence_s: float = ENV_SILENCE_S):
         self.store = store
         self.default_vocab_size = vocab_size
+        self.env_silence_s = env_silence_s
+        # env_id -> when it last asked /status-env or registered (in memory: a restarted API
+        # gives every environment a fresh ``env_silence_s`` from its start)
+        self._last_heard: dict[int, float] = {}
+        self._started = time.monotonic()
+
+    def heard_from(self, env_id: int) -> None:
+        self._last_heard[env_id] = time.monotonic()
+
+    def is_silent(self, env_id: int) -> bool:
+        """An environment that stopped asking for its status (it died) for ``env_silence_s``."""
+        return time.monotonic() - self._last_heard.get(env_id, self._started) > self.env_silence_s
 
     @property
     def registration(self) -> dict[str, Any] | None:
@@ -91,6 +106,7 @@ class TrajectoryAPI:
                 env["registered_id"]: env["min_batch_allocation"]
                 for env in self.store.envs()
                 if env["connected"] and env["min_batch_allocation"] is not None
+                and not self.is_silent(env["registered_id"])
             }
             chosen = form_batch(self.store.index(QUEUED), registration["batch_size"], min_allocations)
             if chosen is None:
@@ -131,6 +147,7 @@ class TrajectoryAPI:
                 "group_size": request.group_size,
             }
             self.store.add_env(config)
+        self.heard_from(config["registered_id"])
         return {
             "status": "success",
             "env_id": config["registered_id"],
@@ -212,6 +229,7 @@ class TrajectoryAPI:
         if not 0 <= env_id < len(envs):
             return None
         env = envs[env_id]
+        self.heard_from(env_id)
         connected = [e for e in envs if e["connected"]]
         total = sum(e["max_context_len"] * max(0.0, e["weight"]) for e in connected)
         weight = env["max_context_len"] * env["weight"] / total if total > 0 else 0.0
@@ -263,6 +281,7 @@ class TrajectoryAPI:
         }
 
     def reset(self) -> None:
+        self._last_heard.clear()
         with self.store.transaction():
             self.store.clear()
 
@@ -274,9 +293,11 @@ def _refused(answers: list[dict], refusals: list[dict], processed: int) -> JSONR
     )
 
 
-def create_app(store: Store, token: str | None = None, vocab_size: int | None = None) -> FastAPI:
+def create_app(
+    store: Store, token: str | None = None, vocab_size: int | None = None, env_silence_s: float = ENV_SILENCE_S
+) -> FastAPI:
     """The FastAPI app over ``store``; with ``token``, every request must present it (see :mod:`.auth`)."""
-    api = TrajectoryAPI(store, vocab_size=vocab_size)
+    api = TrajectoryAPI(store, vocab_size=vocab_size, env_silence_s=env_silence_s)
     app = FastAPI(title="Atropos trajectory API (recipe.atropos.api)")
     app.state.api = api
     app.add_middleware(GZipMiddleware, minimum_size=1000)

@@ -22,12 +22,18 @@ The launcher reads the same typed config as the trainer (:mod:`recipe.atropos.se
 One log per service goes into the run directory, and the trainer's metrics into
 ``<run dir>/metrics.jsonl`` (verl's file tracker). While training runs the launcher
 prints each step's mean environment score from that file and a status line per service. On the
-trainer's normal end, on Ctrl-C, or when any service dies, it stops the processes
-it started (each service is a session of its own: that session and nothing else),
-names a service that died with its last log lines, and exits non-zero on failure. A run that
-trains nothing (no step within ``services.first_step_timeout_s`` of the environments registering,
-or ``services.max_rejected_batches`` wholly rejected batches in a row) is stopped the same way,
-with what each environment did (:mod:`.progress_watch`).
+trainer's normal end, on Ctrl-C, SIGTERM or SIGHUP, or when a service dies for good, it stops
+the processes it started (each service is a session of its own: that session and nothing else),
+names a service that died with its last log lines, and exits non-zero on failure. A watchdog
+(:mod:`.orphans`) stops them too if the launcher itself is killed. A run that trains nothing (no
+step within ``services.first_step_timeout_s`` of the environments registering, or
+``services.max_rejected_batches`` wholly rejected batches in a row) is stopped the same way, with
+what each environment did (:mod:`.progress_watch`).
+
+An environment that dies is started again (``services.env_restarts``, with backoff), and so is
+this project's API (``services.api_restarts``: its queue is on disk and the trainer waits for
+it); ``run-api`` keeps its queue in memory, so its death stops the run, saying so
+(:mod:`.supervision`).
 """
 
 from __future__ import annotations
@@ -47,8 +53,10 @@ from hydra import compose, initialize_config_dir
 
 from ..settings import AtroposConfig, EnvServiceConfig, ServicesConfig, max_token_len
 from .metrics_file import MetricsFollower, summary
+from .orphans import Watchdog
 from .progress_watch import ProgressWatch, env_views, gateway_stats, read_batches, stall_report
 from .service_process import Service
+from .supervision import RestartPolicy, Supervisor
 
 
 def load_config(config_file: Path, overrides: list[str]):
@@ -165,7 +173,11 @@ def api_command(server: str, host: str, port: int, run_dir: Path, model_path: st
 
 
 def registered_envs(api_url: str, expected: int) -> int:
-    """How many of the first ``expected`` environment ids the API knows."""
+    """How many of the first ``expected`` environment ids the API knows.
+
+    For ``recipe.atropos.api``, which answers 404 for an id it does not know; Atropos's
+    ``run-api`` answers such a request with a server error (see :func:`api_in_use`).
+    """
     count = 0
     for env_id in range(expected):
         response = httpx.request("GET", f"{api_url}/status-env", json={"env_id": env_id}, timeout=5)
@@ -173,6 +185,16 @@ def registered_envs(api_url: str, expected: int) -> int:
             break
         count += 1
     return count
+
+
+def api_in_use(api_url: str) -> bool:
+    """The run has begun: the trainer has taken a batch or groups are queued (``GET /status``).
+
+    The readiness probe for ``run-api``, which has no request that says how many environments
+    registered without a server error for an id it does not know yet.
+    """
+    status = httpx.get(f"{api_url}/status", timeout=5).json()
+    return status["current_step"] > 0 or status["queue_size"] > 0
 
 
 def _absolute(path) -> Path:
@@ -204,6 +226,8 @@ class Launcher:
         self.progress = ProgressWatch(
             self.settings.first_step_timeout_s, self.settings.max_rejected_batches, self.batches_file
         )
+        self.supervisor = Supervisor(self.run_dir / "restarts.json")
+        self.watchdog = Watchdog(self.run_dir)
 
     def _services(self, config_file: Path, overrides: list[str]) -> list[Service]:
         """The API and the trainer; the environments follow once the gateway's address is known."""
@@ -270,14 +294,17 @@ class Launcher:
             print(f"[{service.name}] {shlex.join(service.command)}")
 
     def run(self) -> int:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP: the terminal closed or the SSH connection dropped; the run stops as on Ctrl-C
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        print(f"[launcher] logs in {self.run_dir}", flush=True)
+        self.watchdog.start()
         try:
+            print(f"[launcher] logs in {self.run_dir}", flush=True)
             failure = self._start_all() or self._watch()
         finally:
             self._stop_all()
+            self.watchdog.stop()
         if self._stopping is not None and failure is None:
             print(f"[launcher] stopped on {signal.Signals(self._stopping).name}; every service was stopped", flush=True)
             return 0
@@ -294,7 +321,7 @@ class Launcher:
         self.gateway_url_file.unlink(missing_ok=True)  # an address left by an earlier run is no answer
         for service in list(self.services):
             print(f"[launcher] starting {service.name}: {shlex.join(service.command)}", flush=True)
-            service.start()
+            self._start(service)
             failure = self._wait_ready(service.name, service.is_ready)
             if failure or self._stopping is not None:
                 return failure
@@ -303,15 +330,24 @@ class Launcher:
         for service in envs:
             print(f"[launcher] starting {service.name}: {shlex.join(service.command)}", flush=True)
             self.services.append(service)
-            service.start()
-        if envs:
+            self._start(service)
+        if not envs:
+            return None
+        if self.settings.api == "run-api":
+            failure = self._wait_ready(
+                f"{len(envs)} environment(s) sending groups", lambda: api_in_use(self.api_url)
+            )
+        else:
             failure = self._wait_ready(
                 f"{len(envs)} environment(s) registered with the API",
                 lambda: registered_envs(self.api_url, len(envs)) == len(envs),
             )
-            self._envs_registered_at = time.monotonic()
-            return failure
-        return None
+        self._envs_registered_at = time.monotonic()
+        return failure
+
+    def _start(self, service: Service) -> None:
+        service.start()
+        self.watchdog.record(service.pid)  # its session id: the watchdog's to stop if the launcher dies
 
     def _wait_ready(self, what: str, ready) -> str | None:
         started = time.monotonic()
@@ -319,7 +355,7 @@ class Launcher:
         while not ready():
             if self._stopping is not None:
                 return None
-            dead = self._dead_service()
+            dead = self._supervise()
             if dead:
                 return dead
             now = time.monotonic()
@@ -332,14 +368,44 @@ class Launcher:
         print(f"[launcher] {what} ready after {time.monotonic() - started:.1f} s", flush=True)
         return None
 
-    def _dead_service(self) -> str | None:
-        """A service that stopped when it should not have, with its last log lines."""
+    def _restart_policy(self, service: Service) -> tuple[str, RestartPolicy] | None:
+        """How a dead ``service`` may be restarted: environments, and this project's API."""
+        if service.name == "trainer":
+            return None
+        if service.name == "api":
+            if self.settings.api == "run-api":
+                return None
+            return "api", RestartPolicy(self.settings.api_restarts, self.settings.env_restart_backoff_s)
+        return "env", RestartPolicy(self.settings.env_restarts, self.settings.env_restart_backoff_s)
+
+    def _supervise(self) -> str | None:
+        """Restart what died and may be restarted; why the run must fail, with the last log lines, if it must."""
         for service in self.services:
             code = service.exit_code()
             # an environment ends by itself (exit 0) once the API has formed its last batch
             if code is None or (code == 0 and service.name not in ("api", "trainer")):
                 continue
-            return f"{service.name} exited with {code}; its last log lines:\n{service.last_lines()}"
+            if self.supervisor.pending(service.name):
+                continue
+            policy = self._restart_policy(service)
+            if policy is None:
+                if service.name == "api":
+                    return (
+                        f"api (run-api) exited with {code}: run-api keeps its queue in memory, so every group "
+                        "it had queued is lost; the run stops (services.api: recipe.atropos.api keeps its queue "
+                        f"on disk and is restarted). Its last log lines:\n{service.last_lines()}"
+                    )
+                return f"{service.name} exited with {code}; its last log lines:\n{service.last_lines()}"
+            kind, restart_policy = policy
+            failure = self.supervisor.on_death(service.name, kind, restart_policy, code)
+            if failure:
+                return f"{failure}; its last log lines:\n{service.last_lines()}"
+        by_name = {service.name: service for service in self.services}
+        for name in self.supervisor.due_now():
+            service = by_name[name]
+            service.stop(grace_s=2)  # whatever of its session outlived it
+            print(f"[launcher] restarting {name} (restart {self.supervisor.restarts[name]})", flush=True)
+            self._start(service)
         return None
 
     def _watch(self) -> str | None:
@@ -353,7 +419,7 @@ class Launcher:
                 if code == 0:
                     return None
                 return f"trainer exited with {code}; its last log lines:\n{trainer.last_lines(40)}"
-            dead = self._dead_service()
+            dead = self._supervise()
             if dead:
                 return dead
             stalled = self._stalled()
@@ -394,6 +460,8 @@ class Launcher:
             code = service.exit_code()
             state = "running" if code is None else "finished" if code == 0 else f"exited {code}"
             parts.append(f"{service.name}: {state}")
+        if self.supervisor.restarts:
+            parts.append(f"restarts: {self.supervisor.summary()}")
         return "[status] " + " | ".join(parts)
 
     def _stop_all(self) -> None:

@@ -5,16 +5,20 @@
 Runs ``launch_atropos_verl_services.py`` with ``atropos_grpo_cpu.yaml`` on a tiny local
 model and offline GSM8K-format data: the trajectory API, the trainer (verl workers,
 CPU replicas, gateway) and two environments (GSM8K, and GSM8K with token-level
-credit, weights 1:1). Then a killed environment and a Ctrl-C.
+credit, weights 1:1). Then faults: an environment and the API killed mid-run (both
+restarted, nothing accepted lost, nothing listening beyond loopback), an environment that
+keeps dying, Ctrl-C, SIGHUP, SIGTERM and SIGKILL of the launcher (nothing of the run left).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import psutil
 import pytest
@@ -47,13 +51,14 @@ class LauncherRun:
 
     def __init__(self, assets, run_dir: Path, *overrides: str):
         self.run_dir = run_dir
+        self.api_url = f"http://127.0.0.1:{free_port()}"
         self.service = start_service(
             f"launcher-{run_dir.name}",
             [
                 sys.executable, str(LAUNCHER), "--config", str(CONFIG), "--run-dir", str(run_dir),
                 f"actor_rollout_ref.model.path={assets['model']}",
                 f"data.train_files={assets['train']}",
-                f"trainer.atropos.api_url=http://127.0.0.1:{free_port()}",
+                f"trainer.atropos.api_url={self.api_url}",
                 # any free port: the trainer reports the one it bound, the launcher wires the environments to it
                 "trainer.atropos.gateway_port=0",
                 "services.status_interval_s=5",
@@ -67,6 +72,9 @@ class LauncherRun:
     @property
     def lines(self) -> list[str]:
         return self.service.log_path.read_text(errors="replace").splitlines()
+
+    def gateway_url(self) -> str:
+        return (self.run_dir / "gateway_url").read_text().strip()
 
     def steps(self) -> dict[int, dict[str, float]]:
         """The trainer's metrics so far, from the run's metrics file."""
@@ -84,6 +92,45 @@ class LauncherRun:
             wait_until(done, f"{count} training step(s)", timeout, watch=[self.service])
         except AssertionError as exc:
             raise AssertionError(f"{exc}\nconsole:\n" + "\n".join(self.lines[-60:])) from None
+
+    def wait_console(self, text: str, timeout: float) -> None:
+        """Wait until the launcher has printed ``text``, recording its processes meanwhile."""
+
+        def printed() -> bool:
+            self._record_descendants()
+            return text in self.console
+
+        try:
+            wait_until(printed, repr(text), timeout, watch=[self.service])
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nconsole:\n" + "\n".join(self.lines[-60:])) from None
+
+    def process_running(self, *argv: str) -> psutil.Process:
+        """The live process of the run whose command line holds ``argv`` in that order."""
+        self._record_descendants()
+        for pid in self.started:
+            try:
+                cmdline = psutil.Process(pid).cmdline()
+            except psutil.Error:
+                continue
+            if any(cmdline[i:i + len(argv)] == list(argv) for i in range(len(cmdline))):
+                return psutil.Process(pid)
+        raise AssertionError(f"no process of the run runs {' '.join(argv)}")
+
+    def listening_beyond_loopback(self) -> list[str]:
+        """What the run's processes listen on other than 127.0.0.1 (as ``ss -ltn`` would show it)."""
+        self._record_descendants()
+        found = []
+        for pid in self.started:
+            try:
+                process = psutil.Process(pid)
+                for conn in process.net_connections(kind="inet"):
+                    if conn.status == psutil.CONN_LISTEN and conn.laddr.ip not in ("127.0.0.1", "::1"):
+                        command = " ".join(process.cmdline())[:100]
+                        found.append(f"{conn.laddr.ip}:{conn.laddr.port} {process.name()}: {command}")
+            except psutil.Error:
+                continue
+        return found
 
     def _record_descendants(self) -> None:
         try:
@@ -173,8 +220,50 @@ def test_launcher_trains_three_steps_with_two_environments(launch):
     assert run.alive() == []
 
 
-def test_an_environment_killed_mid_run_is_named_and_everything_stops(launch):
-    run = launch("trainer.total_training_steps=200")
+RAY_GRPC_SERVER = re.compile(r"^(:::\d+ (gcs_server|raylet|python[\d.]*)|\S+ ray::\S+): ")
+
+
+def test_a_killed_environment_and_api_are_restarted_and_nothing_accepted_is_lost(launch):
+    run = launch("trainer.total_training_steps=4", "services.env_restart_backoff_s=0.5")
+    run.wait_steps(1, timeout=900)
+    # Ray 2.60's gRPC servers (GCS, raylet, and one in every Ray worker and driver) bind the IPv6
+    # wildcard whatever the node address, and its dashboard agent still one port on 0.0.0.0; no
+    # setting changes it. Nothing else listens beyond loopback: the run's own servers are on
+    # 127.0.0.1 only.
+    beyond = run.listening_beyond_loopback()
+    assert [entry for entry in beyond if not RAY_GRPC_SERVER.search(entry)] == [], beyond
+    own_ports = {urlparse(run.gateway_url()).port, urlparse(run.api_url).port}
+    assert [entry for entry in beyond if int(entry.split(" ")[0].rsplit(":", 1)[1]) in own_ports] == [], beyond
+
+    # the API first: on its restart every environment gets a fresh env_silence_s
+    run.process_running("-m", "recipe.atropos.api").kill()
+    run.wait_console("restarting api", timeout=60)
+    run.process_running("-m", "recipe.atropos.envs.gsm8k").kill()
+    run.wait_console("restarting gsm8k_0", timeout=60)
+    assert run.finish(timeout=600) == 0, run.console
+    assert "training finished; every service was stopped" in run.console
+    steps = run.steps()
+    assert sorted(steps) == [1, 2, 3, 4]
+    restarts = json.loads((run.run_dir / "restarts.json").read_text())
+    assert restarts["api_restarts"] == 1 and restarts["by_service"]["gsm8k_0"] >= 1, restarts
+
+    # posted and accepted = served + still queued, from the API's own file; served = trained + rejected
+    # by the trainer, but for at most one batch fetched ahead of a step that never came
+    from recipe.atropos.api.store import BUFFERED, QUEUED, Store
+
+    store = Store(run.run_dir / "api.sqlite3")
+    counters, queued, buffered = store.counters(), store.count(QUEUED), store.count(BUFFERED)
+    store.close()
+    accepted = sum(c.get("accepted", 0) for c in counters.values())
+    served = sum(c.get("served", 0) for c in counters.values())
+    assert accepted == served + queued + buffered, counters
+    taken = sum(m["atropos/groups"] + m["atropos/groups_rejected"] for m in steps.values())
+    assert 0 <= served - taken <= 4, (served, taken)  # train_batch_size groups fetched ahead, at most
+    assert run.alive() == []
+
+
+def test_an_environment_that_keeps_dying_is_named_and_everything_stops(launch):
+    run = launch("trainer.total_training_steps=200", "services.env_restarts=0")
     run.wait_steps(1, timeout=420)
     credit_env = "recipe.atropos.envs.gsm8k_answer_credit"
     victim = next(
@@ -183,7 +272,10 @@ def test_an_environment_killed_mid_run_is_named_and_everything_stops(launch):
     )
     victim.kill()
     assert run.finish() == 1, run.console
-    assert re.search(r"FAILED: gsm8k_answer_credit_0 exited with -9", run.console), run.console
+    assert re.search(
+        r"FAILED: gsm8k_answer_credit_0 kept dying: exited with -9 after 0 restart\(s\) \(services.env_restarts=0\)",
+        run.console,
+    ), run.console
     assert run.alive() == []
 
 
@@ -194,6 +286,21 @@ def test_ctrl_c_stops_everything_cleanly(launch):
     assert run.finish(timeout=120) == 0, run.console
     assert "stopped on SIGINT; every service was stopped" in run.console
     assert run.alive() == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_a_launcher_ended_by_a_signal_leaves_nothing_behind(launch, signum):
+    """A closed terminal, a kill, a kill -9: within 30 s no process of the run is left, Ray's included."""
+    run = launch("trainer.total_training_steps=200")
+    run.wait_console("environment(s) registered with the API ready", timeout=900)
+    run.process.send_signal(signum)
+    run.process.wait(timeout=120)
+    deadline = time.monotonic() + 30
+    while run.alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert run.alive() == [], run.console
+    if signum != signal.SIGKILL:
+        assert f"stopped on {signum.name}; every service was stopped" in run.console
 
 
 if __name__ == "__main__":

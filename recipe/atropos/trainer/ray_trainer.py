@@ -272,9 +272,13 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
                 tracker.log(data=self._validate(), step=self.global_steps)
             self.global_steps += 1
             while self.global_steps <= self.total_training_steps:
+                # the steps done: where the trainer registers again if the API restarts without its state
+                client.step = self.global_steps - 1
                 metrics = self.train_step(prefetcher)
                 if metrics is None:
                     continue
+                # times the API forgot this trainer (it restarted without its state) and was registered with again
+                metrics["atropos/api_reregistrations"] = float(client.reregistrations)
                 tracker.log(data=metrics, step=self.global_steps)
                 self.global_steps += 1
         finally:

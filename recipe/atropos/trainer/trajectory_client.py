@@ -7,6 +7,10 @@ message, because asking again cannot fix it. An empty ``/batch`` is polled with
 the same backoff until a batch is full or ``timeout`` has passed; every
 ``stall_timeout`` of that wait the API's queue is read and explained
 (:mod:`.stall`), and a queue that will never form a batch ends the wait at once.
+
+An API that restarts is waited for: transient failures keep being retried until
+``outage_s`` has passed, and an API that answers that this trainer is not registered
+(it restarted without its state) is registered with again, at the trainer's current step.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import httpx
@@ -94,6 +98,7 @@ class AtroposClient:
         backoff_max_s: float = 2.0,
         stall_timeout: float = 120.0,
         transport: httpx.BaseTransport | None = None,
+        outage_s: float = 0.0,
     ):
         self.api_url = api_url.rstrip("/")
         self.timeout = timeout
@@ -101,6 +106,13 @@ class AtroposClient:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.stall_timeout = stall_timeout
+        self.outage_s = outage_s
+        # what register() sent, to register again at ``step`` if the API forgets this trainer
+        self._registration: Registration | None = None
+        # the trainer's current step (set by the trainer), the starting step of a re-registration
+        self.step = 0
+        # how often the API forgot this trainer and was registered with again
+        self.reregistrations = 0
         self._http = httpx.Client(base_url=self.api_url, timeout=timeout, transport=transport)
 
     @classmethod
@@ -112,6 +124,7 @@ class AtroposClient:
             backoff_initial_s=config.backoff_initial_s,
             backoff_max_s=config.backoff_max_s,
             stall_timeout=config.stall_timeout_s,
+            outage_s=config.api_outage_s,
         )
 
     def close(self) -> None:
@@ -130,6 +143,8 @@ class AtroposClient:
         body = self._call("POST", "/register", json=asdict(registration))
         if "uuid" not in body:
             raise AtroposRequestError(f"POST {self._url('/register')} answered without a 'uuid': {body!r}")
+        self._registration = registration
+        self.step = registration.starting_step
         logger.info(
             "registered with %s: batch_size=%d sequences, max_token_len=%d, starting_step=%d, num_steps=%d",
             self.api_url,
@@ -159,6 +174,17 @@ class AtroposClient:
         while True:
             polls += 1
             body = self._call("GET", "/batch")
+            if body.get("status") == "error" and self._registration is not None:
+                # the API restarted without its state: register again where the trainer is now
+                logger.warning(
+                    "GET %s: the API no longer knows this trainer (%s); registering again at step %d",
+                    self._url("/batch"),
+                    body.get("message", body),
+                    self.step,
+                )
+                self.register(replace(self._registration, starting_step=self.step))
+                self.reregistrations += 1
+                continue
             if body.get("status") == "error":
                 raise AtroposRequestError(
                     f"GET {self._url('/batch')} answered an error: {body.get('message', body)!r}; "
@@ -251,7 +277,9 @@ class AtroposClient:
         started = time.monotonic()
         attempts = self.max_retries + 1
         cause = ""
-        for attempt in range(1, attempts + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 response = self._http.request(method, path, json=json)
             except httpx.TransportError as exc:
@@ -272,12 +300,14 @@ class AtroposClient:
                         if isinstance(body, dict):
                             return body
                         cause = f"HTTP {response.status_code} with JSON that is not an object: {response.text[:200]!r}"
-            if attempt < attempts:
+            if attempt < attempts or time.monotonic() - started < self.outage_s:
                 logger.warning("%s %s failed (attempt %d of %d): %s", method, url, attempt, attempts, cause)
                 time.sleep(delay)
                 delay = min(delay * 2, self.backoff_max_s)
+                continue
+            break
         raise AtroposConnectionError(
-            f"{method} {url} failed after {attempts} attempts over {time.monotonic() - started:.1f} s: {cause}. "
+            f"{method} {url} failed after {attempt} attempts over {time.monotonic() - started:.1f} s: {cause}. "
             f"Is the trajectory API (run-api) running at {self.api_url}? (trainer.atropos.api_url)"
         )
 
