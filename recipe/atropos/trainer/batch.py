@@ -284,6 +284,21 @@ def _int_row(values: Any, what: str, i: int) -> np.ndarray:
     return row.astype(np.int64)
 
 
+def _per_token_row(
+    rows, field: str, label: str, i: int, length: int, trained, trained_positions, length_reason: str,
+    nonfinite_reason: str,
+):
+    """Row ``i`` of a per-token float field, one value per token, finite wherever it is trained."""
+    row = _float_row(rows, field, i)
+    if len(row) != length:
+        raise _Rejected(length_reason, f"sequence {i}: {length} tokens but {len(row)} {field}")
+    # Only trained positions reach the loss, so only they must be finite.
+    if not np.isfinite(row[trained]).all():
+        at = int(trained_positions[~np.isfinite(row[trained])][0])
+        raise _Rejected(nonfinite_reason, f"sequence {i}, position {at}: {label} {row[at]}")
+    return row
+
+
 def _float_row(values: Any, what: str, i: int) -> np.ndarray:
     with np.errstate(over="ignore"):  # an overflow becomes inf, rejected below as not finite
         row = np.asarray(values, dtype=np.float32)
@@ -337,25 +352,16 @@ def _validate_sequence(
 
     advantage_row = None
     if advantages is not None:
-        advantage_row = _float_row(advantages, "advantages", i)
-        if len(advantage_row) != length:
-            raise _Rejected(
-                ADVANTAGES_LENGTH_MISMATCH, f"sequence {i}: {length} tokens but {len(advantage_row)} advantages"
-            )
-        # Only trained positions reach the loss, so only they must be finite.
-        if not np.isfinite(advantage_row[trained]).all():
-            at = int(trained_positions[~np.isfinite(advantage_row[trained])][0])
-            raise _Rejected(NONFINITE_ADVANTAGE, f"sequence {i}, position {at}: advantage {advantage_row[at]}")
+        advantage_row = _per_token_row(
+            advantages, "advantages", "advantage", i, length, trained, trained_positions,
+            ADVANTAGES_LENGTH_MISMATCH, NONFINITE_ADVANTAGE,
+        )
     logprob_row = None
     if logprobs is not None:
-        logprob_row = _float_row(logprobs, "inference_logprobs", i)
-        if len(logprob_row) != length:
-            raise _Rejected(
-                LOGPROBS_LENGTH_MISMATCH, f"sequence {i}: {length} tokens but {len(logprob_row)} inference_logprobs"
-            )
-        if not np.isfinite(logprob_row[trained]).all():
-            at = int(trained_positions[~np.isfinite(logprob_row[trained])][0])
-            raise _Rejected(NONFINITE_LOGPROB, f"sequence {i}, position {at}: inference logprob {logprob_row[at]}")
+        logprob_row = _per_token_row(
+            logprobs, "inference_logprobs", "inference logprob", i, length, trained, trained_positions,
+            LOGPROBS_LENGTH_MISMATCH, NONFINITE_LOGPROB,
+        )
     return _Sequence(
         tokens=token_row,
         trained=trained,
