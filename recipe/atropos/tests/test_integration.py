@@ -126,7 +126,9 @@ class LauncherRun:
                 process = psutil.Process(pid)
                 for conn in process.net_connections(kind="inet"):
                     if conn.status == psutil.CONN_LISTEN and conn.laddr.ip not in ("127.0.0.1", "::1"):
-                        command = " ".join(process.cmdline())[:100]
+                        # the whole command line: Ray's paths sit deep under site-packages, and a cut
+                        # one no longer shows whose process it is
+                        command = " ".join(process.cmdline())
                         found.append(f"{conn.laddr.ip}:{conn.laddr.port} {process.name()}: {command}")
             except psutil.Error:
                 continue
