@@ -245,6 +245,8 @@ def test_a_nan_group_is_refused_and_the_good_groups_in_flight_are_served(api):
         batch = client.fetch_batch()
     assert served_tags(batch.groups) == [1.0, 2.0]
     assert api.get("/stats")["envs"]["none"] == {"accepted": 2, "served": 2, "refused/nonfinite_score": 1}
+    # every sequence that reached the door, refused or not: what the gateway's generation window settles by
+    assert api.get("/stats")["arrived_sequences"] == 12
 
 
 def with_change(change):

@@ -76,6 +76,13 @@ class AtroposConfig(BaseConfig):
             with :class:`~recipe.atropos.trainer.trajectory_client.AtroposBatchStalled` naming the cause;
             an empty or short queue is logged as a warning, again every
             ``stall_timeout_s``, until ``timeout``.
+        generation_window_batches: generation sized to demand: the gateway holds
+            environments' requests while the sequences generated and not yet trained fill
+            this many registered batches (:mod:`~recipe.atropos.trainer.pacing`). None: 1
+            colocated, 1 + ``max_policy_lag_steps`` with standalone replicas; 0: no window.
+        generation_settle_s: a sequence returned to an environment that has not arrived
+            at the API this many seconds later counts as dropped by the environment, and
+            its room in the window is given back.
     """
 
     api_url: str = "http://localhost:9001"
@@ -98,6 +105,8 @@ class AtroposConfig(BaseConfig):
     gateway_max_concurrency: int = 32
     gateway_model_names: list[str] = field(default_factory=lambda: ["model"])
     stall_timeout_s: float = 120.0
+    generation_window_batches: int | None = None
+    generation_settle_s: float = 5.0
 
     @property
     def gateway_url(self) -> str:
@@ -134,6 +143,13 @@ class AtroposConfig(BaseConfig):
         for name in ("gateway_max_n", "gateway_max_tokens", "gateway_max_concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.atropos.{name} must be >= 1, got {getattr(self, name)}")
+        if self.generation_window_batches is not None and self.generation_window_batches < 0:
+            raise ValueError(
+                "trainer.atropos.generation_window_batches must be >= 0 (0: no window) or null, "
+                f"got {self.generation_window_batches}"
+            )
+        if self.generation_settle_s <= 0:
+            raise ValueError(f"trainer.atropos.generation_settle_s must be > 0 seconds, got {self.generation_settle_s}")
         if self.stall_timeout_s <= 0:
             raise ValueError(f"trainer.atropos.stall_timeout_s must be > 0 seconds, got {self.stall_timeout_s}")
         if not 0 < self.backoff_initial_s <= self.backoff_max_s:

@@ -45,6 +45,10 @@ EMPTY_EXAMPLE = {
 }
 
 
+# sequences of every group that reached the door, refused or not (a meta value, not a per-env counter)
+ARRIVED_SEQUENCES = "arrived_sequences"
+
+
 def env_key(env_id: int | None) -> str:
     """How counters name an environment ("none" for groups sent without an env_id)."""
     return "none" if env_id is None else str(env_id)
@@ -174,12 +178,15 @@ class TrajectoryAPI:
     def accept(self, groups: list[ScoredData]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Check and queue a list of groups in one transaction: (answers of the accepted, refusals)."""
         answers, refusals = [], []
+        arrived = 0
         vocab_size = self.vocab_size()
         # a group larger than the registered batch could never be served: it would block every batch
         max_group_size = (self.registration or {}).get("batch_size") or None
         with self.store.transaction():
             for index, scored in enumerate(groups):
                 group = scored.as_group()
+                # what reached the API at all, refused or not: the gateway paces generation by it
+                arrived += len(group.get("tokens") or ())
                 refusal = check_group(group, vocab_size, max_group_size)
                 if refusal is not None:
                     self._count_refusal(group.get("env_id"), refusal)
@@ -187,6 +194,7 @@ class TrajectoryAPI:
                     continue
                 answers.append(self._enqueue(group))
                 self.store.bump(env_key(group.get("env_id")), "accepted")
+            self.store.put(ARRIVED_SEQUENCES, self.store.get(ARRIVED_SEQUENCES, 0) + arrived)
         return answers, refusals
 
     def _count_refusal(self, env_id: int | None, refusal: Refusal) -> None:
@@ -270,14 +278,18 @@ class TrajectoryAPI:
         }
 
     def stats(self) -> dict[str, Any]:
-        """Counters per environment (accepted, served, refused/<reason>) and the queue: not in ``run-api``."""
+        """Counters per environment (accepted, served, refused/<reason>), sequences arrived, the queue: not in ``run-api``."""
         queue = self.store.index(QUEUED)
+        buffered = self.store.index(BUFFERED)
+        counters = self.store.counters()
         return {
             "current_step": self.step,
             "queue_size": len(queue),
             "queued_sequences": sum(g.size for g in queue),
-            "buffered_groups": self.store.count(BUFFERED),
-            "envs": self.store.counters(),
+            "buffered_groups": len(buffered),
+            "buffered_sequences": sum(g.size for g in buffered),
+            "arrived_sequences": self.store.get(ARRIVED_SEQUENCES, 0),
+            "envs": counters,
         }
 
     def reset(self) -> None:

@@ -15,6 +15,9 @@ trainer syncs weights it :meth:`Gateway.pause`-s the gateway: new requests wait,
 requests in flight finish, and all of them go on after :meth:`Gateway.resume`
 instead of failing against a sleeping engine.
 
+Generation is paced to what the trainer will use (:mod:`.admission`): a request waits
+while the sequences generated and not yet consumed fill the trainer's window.
+
 ``resume`` also names the policy version the replicas now hold, and ``/generate``
 records which version sampled each sequence it returns (:mod:`.policy_versions`):
 the trainer reads it back to measure and bound how stale a batch is.
@@ -35,9 +38,12 @@ queues behind that limit instead of holding every connection.
 # no ``from __future__ import annotations``: FastAPI reads the routes' body types at definition time
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import socket
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -46,6 +52,7 @@ from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from .admission import GenerationWindow
 from .context_fit import fit_to_context, token_prompt_length, tokenize_request
 from .policy_versions import PolicyVersionLedger
 from .request_stats import CountRequests, RequestStats
@@ -101,12 +108,19 @@ def vllm_to_atropos_generate(reply: dict[str, Any]) -> dict[str, Any]:
     return {"logprobs": logprobs, "finish_reasons": finish_reasons, "token_ids": token_ids}
 
 
+def choices_asked(body: dict[str, Any]) -> int:
+    """Sequences an OpenAI-style request will generate: ``n`` choices per prompt, prompts as listed."""
+    prompt = body.get("prompt")
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+    return max(1, int(body.get("n") or 1)) * prompts
+
+
 class Gateway:
     """Routes requests over the replicas; pausable while weights sync."""
 
     def __init__(self, replica_addresses: list[str], request_timeout: float = 600.0,
                  ledger: PolicyVersionLedger | None = None, limits: GatewayLimits | None = None,
-                 model_names: tuple[str, ...] = ()):
+                 model_names: tuple[str, ...] = (), window: GenerationWindow | None = None):
         if not replica_addresses:
             raise ValueError("the gateway needs at least one inference replica")
         self.replicas = [a if a.startswith("http") else f"http://{a}" for a in replica_addresses]
@@ -116,6 +130,8 @@ class Gateway:
         self.model_names = frozenset(model_names)
         self._fan_out = asyncio.Semaphore(self.limits.max_concurrency)
         self.ledger = ledger if ledger is not None else PolicyVersionLedger()
+        # unbounded until the trainer sizes it
+        self.window = window if window is not None else GenerationWindow()
         # the step the replicas' weights were synced after; 0 until the trainer names one
         self.policy_version = 0
         self._in_flight = {replica: 0 for replica in self.replicas}
@@ -146,6 +162,17 @@ class Gateway:
         return not self._open.is_set()
 
     # -- forwarding ---------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def admitted(self, choices: int) -> AsyncIterator[None]:
+        """Hold the request until ``choices`` more sequences fit the generation window."""
+        await self.window.acquire(choices)
+        answered = False
+        try:
+            yield
+            answered = True
+        finally:
+            await self.window.release(choices, returned=choices if answered else 0)
 
     async def forward(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return (await self.forward_versioned(path, body))[0]
@@ -259,7 +286,7 @@ def build_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/stats")
     async def stats():
-        return gateway.stats.snapshot()
+        return {**gateway.stats.snapshot(), "generation_window": dataclasses.asdict(gateway.window.stats())}
 
     @app.get("/health")
     async def health():
@@ -273,16 +300,17 @@ def build_app(gateway: Gateway) -> FastAPI:
         if request.model is not None and not await gateway.is_known_model(request.model):
             return unknown_model_response(request.model)
         vllm_request = atropos_to_vllm_generate(request.model_dump(exclude_unset=True))
-        reply, version = await gateway.forward_versioned("/inference/v1/generate", vllm_request)
-        versions = [version] * len(reply.get("choices") or [])
-        # vLLM 0.24's tokens-in route answers one choice whatever n asks: sample the rest one by one
         wanted = int(vllm_request["sampling_params"].get("n", 1))
-        missing = wanted - len(versions)
-        if missing > 0:
-            single = {**vllm_request, "sampling_params": {**vllm_request["sampling_params"], "n": 1}}
-            extra = await gateway.forward_single_choices("/inference/v1/generate", single, missing)
-            reply["choices"] = list(reply["choices"]) + [choice for r, _ in extra for choice in r["choices"]]
-            versions += [v for r, v in extra for _ in r["choices"]]
+        async with gateway.admitted(wanted):
+            reply, version = await gateway.forward_versioned("/inference/v1/generate", vllm_request)
+            versions = [version] * len(reply.get("choices") or [])
+            # vLLM 0.24's tokens-in route answers one choice whatever n asks: sample the rest one by one
+            missing = wanted - len(versions)
+            if missing > 0:
+                single = {**vllm_request, "sampling_params": {**vllm_request["sampling_params"], "n": 1}}
+                extra = await gateway.forward_single_choices("/inference/v1/generate", single, missing)
+                reply["choices"] = list(reply["choices"]) + [choice for r, _ in extra for choice in r["choices"]]
+                versions += [v for r, v in extra for _ in r["choices"]]
         try:
             translated = vllm_to_atropos_generate(reply)
         except (KeyError, TypeError, ValueError) as exc:
@@ -296,13 +324,17 @@ def build_app(gateway: Gateway) -> FastAPI:
     async def completions(request: models.completion):
         if request.model is not None and not await gateway.is_known_model(request.model):
             return unknown_model_response(request.model)
-        return await gateway.forward("/v1/completions", request.model_dump(exclude_unset=True))
+        body = request.model_dump(exclude_unset=True)
+        async with gateway.admitted(choices_asked(body)):
+            return await gateway.forward("/v1/completions", body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: models.chat):
         if request.model is not None and not await gateway.is_known_model(request.model):
             return unknown_model_response(request.model)
-        return await gateway.forward("/v1/chat/completions", request.model_dump(exclude_unset=True))
+        body = request.model_dump(exclude_unset=True)
+        async with gateway.admitted(choices_asked(body)):
+            return await gateway.forward("/v1/chat/completions", body)
 
     return app
 
@@ -316,8 +348,10 @@ class GatewayServer:
 
     def __init__(self, replica_addresses: list[str], host: str = "127.0.0.1", port: int = 8000,
                  request_timeout: float = 600.0, ledger: PolicyVersionLedger | None = None,
-                 limits: GatewayLimits | None = None, model_names: tuple[str, ...] = ()):
+                 limits: GatewayLimits | None = None, model_names: tuple[str, ...] = (),
+                 window_settle_s: float = 5.0):
         self.host = host
+        self._window_settle_s = window_settle_s
         self._limits = limits
         self._model_names = tuple(model_names)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -349,7 +383,8 @@ class GatewayServer:
 
     async def _start(self) -> None:
         self.gateway = Gateway(self._replica_addresses, request_timeout=self._request_timeout, ledger=self.ledger,
-                               limits=self._limits, model_names=self._model_names)
+                               limits=self._limits, model_names=self._model_names,
+                               window=GenerationWindow(settle_s=self._window_settle_s))
         config = uvicorn.Config(build_app(self.gateway), log_level="warning", lifespan="off")
         self._server = uvicorn.Server(config)
         self._loop.create_task(self._server.serve(sockets=[self._sock]))
@@ -358,6 +393,20 @@ class GatewayServer:
 
     def pause(self) -> None:
         asyncio.run_coroutine_threadsafe(self.gateway.pause(), self._loop).result()
+
+    def size_window(self, window: int | None) -> None:
+        """At most ``window`` sequences generated and not yet consumed (None: no bound)."""
+        asyncio.run_coroutine_threadsafe(self.gateway.window.resize(window), self._loop).result()
+
+    def observe_downstream(self, arrived_total: int, downstream: int) -> None:
+        """Sequences that ever arrived at the API, and those arrived but not consumed yet (see ``admission``)."""
+        asyncio.run_coroutine_threadsafe(self.gateway.window.observe(arrived_total, downstream), self._loop).result()
+
+    def window_stats(self):
+        return asyncio.run_coroutine_threadsafe(self._window_stats(), self._loop).result()
+
+    async def _window_stats(self):
+        return self.gateway.window.stats()
 
     def resume(self, policy_version: int | None = None) -> None:
         asyncio.run_coroutine_threadsafe(self.gateway.resume(policy_version), self._loop).result()

@@ -26,6 +26,7 @@ class PrefetchedBatch:
     result: ConversionResult
     fetch_s: float  # time the background thread spent waiting on the API
     convert_s: float  # validation + conversion time, off the training thread
+    sequences: int = 0  # as fetched, before any rejection
 
 
 class BatchPrefetcher:
@@ -37,6 +38,10 @@ class BatchPrefetcher:
         self._requests = threading.Semaphore(0)
         self._ready: queue.Queue = queue.Queue()
         self._stop = threading.Event()
+        # groups and sequences fetched, not yet handed to the trainer
+        self._unconsumed_groups = 0
+        self._unconsumed = 0
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="atropos-prefetch", daemon=True)
 
     def start(self) -> None:
@@ -57,7 +62,22 @@ class BatchPrefetcher:
         waited = time.monotonic() - started
         if isinstance(item, BaseException):
             raise item
+        with self._lock:
+            self._unconsumed -= item.sequences
+            self._unconsumed_groups -= item.result.num_groups
         return item, waited
+
+    @property
+    def unconsumed_groups(self) -> int:
+        """Groups taken off the API's queue that the trainer has not been handed yet."""
+        with self._lock:
+            return self._unconsumed_groups
+
+    @property
+    def unconsumed_sequences(self) -> int:
+        """Sequences taken off the API's queue that the trainer has not been handed yet."""
+        with self._lock:
+            return self._unconsumed
 
     def stop(self) -> None:
         self._stop.set()
@@ -74,6 +94,9 @@ class BatchPrefetcher:
                 fetched = self._client.fetch_batch(cancel=self._stop)
                 if fetched is None:
                     return
+                with self._lock:
+                    self._unconsumed += fetched.num_sequences
+                    self._unconsumed_groups += len(fetched.groups)
                 converted_at = time.monotonic()
                 result = self._convert(fetched.groups)
                 self._ready.put(
@@ -81,6 +104,7 @@ class BatchPrefetcher:
                         result=result,
                         fetch_s=converted_at - started,
                         convert_s=time.monotonic() - converted_at,
+                        sequences=fetched.num_sequences,
                     )
                 )  # its rejections are logged once, by the step that shapes it
             except BaseException as exc:  # handed to the training thread, which raises it

@@ -10,7 +10,9 @@ What differs from verl's own loop, and why:
   size by one pipeline (:mod:`.batch_pipeline`) whose pad rows no metric counts;
 * advantages come from :func:`.advantages.apply_atropos_advantages` (GRPO merged with
   the environments' token-level advantages) instead of verl's ``compute_advantage``;
-* every group's policy lag is measured and bounded (:mod:`.staleness`);
+* every group's policy lag is measured and bounded (:mod:`.staleness`), and the
+  environments generate no more than the trainer will use before it goes stale
+  (:mod:`.pacing`); where every group went is counted each step (:mod:`.accounting`);
 * with ``actor_rollout_ref.hybrid_engine=false`` the replicas run standalone on their
   own GPUs (verl's disaggregated layout): they keep generating while the actor
   trains, and only the weight sync pauses them.
@@ -43,10 +45,12 @@ from verl.utils.tracking import Tracking
 from ..gateway.requests import GatewayLimits
 from ..gateway.server import GatewayServer
 from ..settings import AtroposConfig, max_token_len, registered_batch_size
+from .accounting import GroupLedger, accounting_metrics
 from .advantages import apply_atropos_advantages
 from .batch_log import BatchLog
 from .batch_pipeline import IS_PAD, ShapedBatch, convert_groups, shape_batch
 from .metrics import atropos_metrics, data_metrics
+from .pacing import GenerationPacer, window_sequences
 from .prefetch import BatchPrefetcher
 from .sync_check import max_logprob_gap, replica_prompt_logprobs
 from .trajectory_client import AtroposClient, Registration
@@ -84,6 +88,8 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         self.policy_version = 0  # the step the replicas' weights were last synced after
         self._untrained: ShapedBatch | None = None  # batches since the last trained step, none of it trainable
         self._batch_log = BatchLog(self.atropos.batches_file)  # every fetched batch's groups and rejections
+        self._groups = GroupLedger()  # groups trained and rejected since the run started
+        self._pacer: GenerationPacer | None = None
         self.disaggregated = not config.actor_rollout_ref.hybrid_engine
         if not self.disaggregated:
             super().__init__(config, tokenizer, role_worker_mapping, resource_pool_manager, **kwargs)
@@ -116,6 +122,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
                 max_concurrency=self.atropos.gateway_max_concurrency,
             ),
             model_names=self._policy_names(),
+            window_settle_s=self.atropos.generation_settle_s,
         )
         self.gateway.start()
         # the replicas are asleep (colocated) or hold no trained weights yet (standalone) until
@@ -265,6 +272,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         client.register(self.registration())
         prefetcher = BatchPrefetcher(client, self._convert)
         prefetcher.start()
+        self._start_pacing(prefetcher)
         # one batch for the first step, one fetched ahead while it trains
         prefetcher.request(min(2, self.total_training_steps - self.global_steps))
         try:
@@ -282,6 +290,8 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
                 tracker.log(data=metrics, step=self.global_steps)
                 self.global_steps += 1
         finally:
+            if self._pacer is not None:
+                self._pacer.stop()
             prefetcher.stop()
             client.close()
             self.gateway.stop()
@@ -306,6 +316,10 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             new_rejections = shaped.rejections[len(carried.rejections) if carried else 0 :]
             for rejection in new_rejections:
                 logger.warning("%s", rejection)
+            self._groups.count_batch(
+                trained_groups=0 if shaped.data is None else shaped.num_groups - len(shaped.rejections),
+                rejection_reasons=[rejection.reason for rejection in new_rejections],
+            )
             self._batch_log.write(
                 self.global_steps, prefetched.result.env_ids, new_rejections, trained=shaped.data is not None
             )
@@ -340,6 +354,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
 
         # from the batch the actor updated on; groups of wholly rejected batches count with this step
         metrics.update(atropos_metrics(shaped, batch, batch_wait_s=waited))
+        metrics.update(self._accounting(prefetcher))
         metrics["atropos/fetch_s"] = prefetched.fetch_s
         metrics["atropos/convert_s"] = prefetched.convert_s
         metrics["training/global_step"] = self.global_steps
@@ -351,6 +366,36 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             n_gpus += rollout.nnodes * rollout.n_gpus_per_node
         metrics.update(compute_throughout_metrics(batch=batch, timing_raw=timing_raw, n_gpus=n_gpus))
         return metrics
+
+    # -- pacing and accounting ---------------------------------------------------------
+
+    def _start_pacing(self, prefetcher: BatchPrefetcher) -> None:
+        """Size the gateway's generation window and keep it fed from the API (see :mod:`.pacing`)."""
+        window = window_sequences(
+            self.atropos.generation_window_batches,
+            self.registered_batch_size,
+            disaggregated=self.disaggregated,
+            max_policy_lag_steps=self.atropos.max_policy_lag_steps,
+        )
+        pacer = GenerationPacer(self.atropos.api_url, self.gateway.observe_downstream,
+                                unconsumed=lambda: prefetcher.unconsumed_sequences)
+        # the pacer also reads the API's counts for the accounting, window or not
+        self._pacer = pacer if pacer.supported() else None
+        if self._pacer is None:
+            logger.warning("the trajectory API has no /stats with arrival counts (run-api): generation is not paced")
+            pacer.stop()
+            return
+        pacer.poll_once()  # the baseline: what arrived before this trainer started is not in the window
+        if window is not None:
+            self.gateway.size_window(window)
+            logger.info("generation window: %d sequences (%d registered batches)",
+                        window, window // self.registered_batch_size)
+        pacer.start()
+
+    def _accounting(self, prefetcher: BatchPrefetcher) -> dict[str, float]:
+        api_stats = self._pacer.read_stats() if self._pacer is not None else None
+        return accounting_metrics(self._groups, api_stats, prefetcher.unconsumed_groups,
+                                  window_stats=self.gateway.window_stats())
 
     # -- stages ----------------------------------------------------------------------
 

@@ -1,0 +1,121 @@
+"""Generation sized to what the trainer consumes: the gateway's window, fed from the API.
+
+The gateway holds generation requests once the sequences generated and not yet
+consumed fill a window (:mod:`..gateway.admission`). This module sizes that window
+and keeps it fed, from a background thread, with what only the trainer side can
+see: how many sequences ever arrived at the trajectory API (``arrived_sequences``
+in the project's ``GET /stats``) and how many wait there or in the trainer's
+prefetch, not trained yet.
+
+The window, in registered batches (``trainer.atropos.generation_window_batches``):
+
+* colocated (the replicas sleep while the actor trains): **1**. Sequences are only
+  generated while the trainer waits for its batch, and a batch generated under
+  version v trains at once, so one batch is all a step can use; more would sit in
+  the queue a step and be in flight when the replicas must sleep.
+* standalone replicas (they generate while the actor trains): **1 + the staleness
+  bound**. Oldest-first batches train a sequence generated under version v within
+  that many steps, so nothing admitted goes stale.
+
+Atropos's own ``run-api`` has no ``/stats``: the window is then left open (logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+
+def window_sequences(configured_batches: int | None, batch_size: int, disaggregated: bool,
+                     max_policy_lag_steps: int) -> int | None:
+    """The window in sequences; None: no window.
+
+    ``configured_batches``: None picks the layout's default (see the module docstring),
+    0 means no window.
+    """
+    if configured_batches is None:
+        if not disaggregated:
+            configured_batches = 1
+        elif max_policy_lag_steps < 0:
+            configured_batches = 2  # no bound to respect: one batch training, one generating
+        else:
+            configured_batches = 1 + max_policy_lag_steps
+    if configured_batches == 0:
+        return None
+    return configured_batches * batch_size
+
+
+class GenerationPacer:
+    """Reads the API's counts every ``poll_s`` and hands them to the gateway's window."""
+
+    def __init__(self, api_url: str, observe: Callable[[int, int], None], unconsumed: Callable[[], int],
+                 poll_s: float = 0.25, transport: httpx.BaseTransport | None = None):
+        """
+        Args:
+            api_url: the trajectory API.
+            observe: the gateway's ``observe_downstream(arrived_total, downstream)``.
+            unconsumed: sequences the trainer fetched and has not trained yet.
+        """
+        self._http = httpx.Client(base_url=api_url.rstrip("/"), timeout=10, transport=transport)
+        self._observe = observe
+        self._unconsumed = unconsumed
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="atropos-pacer", daemon=True)
+
+    def supported(self) -> bool:
+        """Whether the API counts what arrives (the project's API does, ``run-api`` does not)."""
+        try:
+            body = self._read()
+        except (httpx.HTTPError, ValueError) as exc:
+            logger.warning("the trajectory API's /stats could not be read (%s): generation is not paced", exc)
+            return False
+        return body is not None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=15)
+        self._http.close()
+
+    def read_stats(self) -> dict | None:
+        """The API's ``/stats`` now; None if it cannot be read."""
+        try:
+            return self._read()
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def poll_once(self) -> bool:
+        """One reading handed to the gateway; False when the API could not be read."""
+        try:
+            body = self._read()
+        except (httpx.HTTPError, ValueError):
+            return False
+        if body is None:
+            return False
+        downstream = int(body.get("queued_sequences", 0)) + int(body.get("buffered_sequences", 0))
+        self._observe(int(body["arrived_sequences"]), downstream + self._unconsumed())
+        return True
+
+    def _read(self) -> dict | None:
+        response = self._http.get("/stats")
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        body = response.json()
+        if not isinstance(body, dict) or "arrived_sequences" not in body:
+            return None
+        return body
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            # an API restarting is waited out: the window keeps its last reading meanwhile
+            self.poll_once()

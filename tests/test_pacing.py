@@ -1,0 +1,293 @@
+"""Generation sized to demand: the gateway's window of outstanding sequences.
+
+The window alone (its arithmetic, on an event loop), then the real pieces together:
+the project's trajectory API in its own process, the gateway over a replica, the
+pacer feeding the window from the API's ``/stats``, environments that generate
+through the gateway and post to the API, and a trainer that fetches batches at its
+own pace (fast, slow, or not at all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from recipe.atropos.gateway.admission import GenerationWindow
+from recipe.atropos.gateway.server import GatewayServer
+from recipe.atropos.trainer.pacing import GenerationPacer, window_sequences
+from tests.conftest import ServedApp, TrajectoryAPI
+from tests.processes import free_port, start_service
+from tests.test_gateway import recorded_vllm_app
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_requests_are_admitted_while_the_window_has_room_and_held_after():
+    async def scenario():
+        window = GenerationWindow(window=8, settle_s=60)
+        await window.acquire(4)
+        await window.acquire(4)
+        held = asyncio.create_task(window.acquire(4))
+        await asyncio.sleep(0.05)
+        assert not held.done() and window.stats().held_requests == 1
+        # returned to the environment, then arrived at the API: still outstanding (queued)
+        await window.release(4)
+        await window.observe(0, 0)  # the baseline
+        await window.observe(4, downstream=4)
+        await asyncio.sleep(0.05)
+        assert not held.done()
+        # the trainer consumed them: room for the held request
+        await window.observe(4, downstream=0)
+        await asyncio.wait_for(held, 1)
+        stats = window.stats()
+        assert (stats.admitted, stats.returned, stats.arrived, stats.in_flight) == (12, 4, 4, 8)
+        assert stats.held_total == 1 and stats.held_s > 0
+
+    run(scenario())
+
+
+def test_the_window_is_overshot_by_at_most_one_request():
+    # a window that is no multiple of the group size still fills: one group more, never two
+    async def scenario():
+        window = GenerationWindow(window=10, settle_s=60)
+        for _ in range(3):
+            await window.acquire(4)
+        assert window.stats().in_flight == 12
+        fourth = asyncio.create_task(window.acquire(4))
+        await asyncio.sleep(0.05)
+        assert not fourth.done()
+        fourth.cancel()
+
+    run(scenario())
+
+
+def test_sequences_that_never_arrive_count_as_dropped_and_give_their_room_back():
+    async def scenario():
+        window = GenerationWindow(window=4, settle_s=0.5)
+        await window.observe(0, 0)
+        await window.acquire(4)
+        await window.release(4)  # the environment dropped the group: it never posts it
+        held = asyncio.create_task(window.acquire(4))
+        await asyncio.sleep(0.3)
+        assert not held.done()
+        await asyncio.wait_for(held, 2)  # the held request wakes by itself once the room expires
+        stats = window.stats()
+        assert stats.dropped == 4 and stats.unsettled == 0
+
+    run(scenario())
+
+
+def test_arrivals_settle_the_oldest_returned_first_and_a_restarted_api_sets_a_new_baseline():
+    clock = FakeClock()
+
+    async def scenario():
+        window = GenerationWindow(window=100, settle_s=5, clock=clock)
+        await window.observe(50, 0)  # sequences from before this gateway: not its business
+        for returned_at in (0.0, 1.0, 2.0):
+            clock.now = returned_at
+            await window.acquire(4)
+            await window.release(4)
+        await window.observe(56, 0)  # the first group and half of the second arrived
+        assert window.stats().unsettled == 6
+        await window.observe(3, 0)  # the API restarted and counts from 0 again
+        await window.observe(5, 0)
+        clock.now = 6.5
+        stats = window.stats()
+        assert stats.arrived == 8 and stats.unsettled == 4 and stats.dropped == 0
+        clock.now = 7.0
+        assert window.stats().dropped == 4
+
+    run(scenario())
+
+
+def test_a_failed_request_returns_nothing_and_frees_its_room():
+    async def scenario():
+        window = GenerationWindow(window=4, settle_s=60)
+        await window.acquire(4)
+        await window.release(4, returned=0)
+        await asyncio.wait_for(window.acquire(4), 1)
+        assert window.stats().returned == 0
+
+    run(scenario())
+
+
+def test_no_window_never_holds():
+    async def scenario():
+        window = GenerationWindow()
+        for _ in range(100):
+            await window.acquire(64)
+        assert window.stats().held_total == 0
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("configured", "disaggregated", "lag", "expected"),
+    [(None, False, 1, 32), (None, True, 1, 64), (None, True, 3, 128), (None, True, -1, 64), (0, True, 1, None),
+     (3, False, 1, 96)],
+)
+def test_the_window_is_sized_by_layout_and_staleness_bound(configured, disaggregated, lag, expected):
+    assert window_sequences(configured, 32, disaggregated=disaggregated, max_policy_lag_steps=lag) == expected
+
+
+# -- the real pieces together ---------------------------------------------------------------
+
+GROUP = 4  # sequences per group
+BATCH = 8  # sequences per batch: two groups
+
+
+@pytest.fixture
+def own_api(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "recipe.atropos.api", "--host", "127.0.0.1", "--port", str(port),
+               "--db", str(tmp_path / "api.sqlite3")]
+    service = start_service("api", command, tmp_path, ready=lambda: httpx.get(f"{url}/", timeout=1).status_code == 200)
+    api = TrajectoryAPI(url=url, service=service)
+    api.post("/register", {"wandb_group": "g", "wandb_project": "p", "batch_size": BATCH, "max_token_len": 64,
+                           "checkpoint_dir": "", "save_checkpoint_interval": -1, "starting_step": 0,
+                           "num_steps": 1000})
+    assert api.get("/batch")["batch"] is None  # the trainer's first poll: environments may register now
+    try:
+        yield api
+    finally:
+        service.stop(10)
+
+
+class Rig:
+    """Gateway (window of ``window`` sequences) over a replica, paced from the API; environments as threads."""
+
+    def __init__(self, api: TrajectoryAPI, replica_url: str, window: int, settle_s: float = 30.0,
+                 drop_every: int = 0):
+        self.api = api
+        self.gateway = GatewayServer([replica_url], port=0, window_settle_s=settle_s)
+        self.gateway.start()
+        self.fetched_ahead = 0
+        self.pacer = GenerationPacer(api.url, self.gateway.observe_downstream, lambda: self.fetched_ahead,
+                                     poll_s=0.05)
+        assert self.pacer.supported()
+        self.pacer.poll_once()
+        self.gateway.size_window(window)
+        self.pacer.start()
+        self.env_id = api.register_env("paced", GROUP)
+        self.drop_every = drop_every
+        self.stop = threading.Event()
+        self.errors: list[str] = []
+        self.posted = 0
+        self._tags = itertools.count()
+        self._envs: list[threading.Thread] = []
+
+    def start_envs(self, count: int) -> None:
+        for _ in range(count):
+            thread = threading.Thread(target=self._env, daemon=True)
+            thread.start()
+            self._envs.append(thread)
+
+    def _env(self) -> None:
+        with httpx.Client(timeout=120) as client:
+            while not self.stop.is_set():
+                tag = next(self._tags)
+                prompt = [1, 100 + tag % 50, 7]
+                reply = client.post(f"{self.gateway.url}/generate",
+                                    json={"prompt": {"prompt_token_ids": prompt}, "n": GROUP, "max_tokens": 4,
+                                          "logprobs": 0})
+                if reply.status_code != 200:
+                    self.errors.append(f"{reply.status_code} {reply.text[:200]}")
+                    return
+                if self.drop_every and tag % self.drop_every == 0:
+                    continue  # as atroposlib drops a group whose scores are all equal
+                tokens = [prompt + ids for ids in reply.json()["token_ids"]]
+                group = {"tokens": tokens, "masks": [[-100] * len(prompt) + ids for ids in reply.json()["token_ids"]],
+                         "scores": [float(tag)] * GROUP, "env_id": self.env_id}
+                self.api.post("/scored_data", group)
+                self.posted += GROUP
+
+    def fetch(self, timeout: float = 30) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            batch = self.api.get("/batch")["batch"]
+            if batch:
+                return batch
+            time.sleep(0.02)
+        raise AssertionError(f"no batch within {timeout} s: {self.gateway.window_stats()}")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.gateway.size_window(None)  # let the held environments finish their last request
+        for thread in self._envs:
+            thread.join(timeout=10)
+        self.pacer.stop()
+        self.gateway.stop()
+
+
+@pytest.fixture
+def replica():
+    with ServedApp(recorded_vllm_app(delay_s=0.01)) as served:
+        yield served
+
+
+def test_a_stopped_trainer_holds_the_environments_at_the_window(own_api, replica):
+    rig = Rig(own_api, replica.url, window=2 * BATCH)
+    try:
+        rig.start_envs(4)
+        time.sleep(2.0)  # the trainer fetches nothing: environments must wait, not fail or run ahead
+        stats = rig.gateway.window_stats()
+        # at most one request (one group) beyond the window
+        assert stats.admitted <= 2 * BATCH + GROUP - 1, stats
+        assert stats.held_requests >= 1 and rig.errors == []
+        queued = own_api.get("/stats")["queued_sequences"]
+        assert queued == rig.posted <= stats.admitted
+        # the trainer comes back: one batch consumed lets about one batch more be generated
+        rig.fetch()
+        time.sleep(1.0)
+        assert rig.gateway.window_stats().admitted <= 3 * BATCH + GROUP - 1
+        assert rig.errors == []
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("step_s", [0.0, 0.3], ids=["fast trainer", "slow trainer"])
+def test_generation_follows_consumption_with_no_deadlock(own_api, replica, step_s):
+    rig = Rig(own_api, replica.url, window=BATCH)
+    try:
+        rig.start_envs(3)
+        trained = 0
+        for _ in range(12):
+            trained += sum(len(group["tokens"]) for group in rig.fetch())
+            time.sleep(step_s)
+        stats = rig.gateway.window_stats()
+        # generated = trained + what is still outstanding, which the window bounds
+        assert trained == 12 * BATCH
+        assert stats.admitted - trained <= BATCH + GROUP - 1, stats
+        assert rig.errors == []
+    finally:
+        rig.close()
+
+
+def test_environments_that_drop_groups_still_fill_every_batch(own_api, replica):
+    # every other group dropped by its environment: its room comes back after settle_s
+    rig = Rig(own_api, replica.url, window=BATCH, settle_s=0.3, drop_every=2)
+    try:
+        rig.start_envs(2)
+        for _ in range(4):
+            rig.fetch(timeout=30)
+        stats = rig.gateway.window_stats()
+        assert stats.dropped >= GROUP and rig.errors == []
+    finally:
+        rig.close()
