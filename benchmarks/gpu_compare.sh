@@ -1,46 +1,54 @@
 #!/usr/bin/env bash
-# The GPU comparison of docs/results.md: this project's launcher, then verl's own GRPO
-# (verl.trainer.main_ppo, legacy trainer) with the same model, batch, n, lengths and vLLM
-# settings, one after the other on the same GPU. Needs the vLLM install (pip install -e ".[vllm]").
+# The throughput comparison of docs/results.md: this project's launcher against verl's own GRPO
+# (verl.trainer.main_ppo, legacy trainer) with the same model, data, batch, n, lengths, learning
+# rate and vLLM settings, read from the launcher's config. Needs the vLLM install
+# (pip install -e ".[vllm]").
 #
-#   bash benchmarks/gpu_compare.sh OUT_DIR MODEL_DIR DATA_DIR [STEPS]
+#   bash benchmarks/gpu_compare.sh OUT_DIR MODEL_DIR DATA_DIR [STEPS] [SECONDS_PER_RUN] [CONFIG]
 #
-# OUT_DIR gets ours/ (a log per service, metrics.jsonl), native.log, native_metrics.jsonl and
-# gpumem_{ours,native}.csv; plot with
-#   python scripts/plot_metrics.py --ours OUT_DIR/ours/metrics.jsonl --native OUT_DIR/native_metrics.jsonl
+# Two GPUs: round 1 runs ours on GPU 0 and verl's on GPU 1, started together; round 2 swaps
+# them. With LAYOUTS=1 a third round runs the disaggregated layout (vLLM on one GPU, the actor on
+# the other) and then verl's own GRPO data-parallel on both. One GPU: ours, then verl's.
+# Every run's metrics go to OUT_DIR/NAME.jsonl; benchmarks/compare_runs.py prints, per round,
+# the median step time (steps 3 on), trained sequences per second, the stale-discarded share,
+# the batch-wait share of a step, and the ratios. CONFIG defaults to atropos_grpo_qwen05b_gpu.
 set -u
-OUT=${1:?out dir}; MODEL=${2:?model dir}; DATA=${3:?data dir with train/test.parquet}; STEPS=${4:-40}
+OUT=${1:?out dir}; MODEL=${2:?model dir}; DATA=${3:?data dir with train/test.parquet}
+STEPS=${4:-20}; LIMIT=${5:-1800}; CONFIG=${6:-atropos_grpo_qwen05b_gpu}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+GPUS=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
+. benchmarks/common.sh
+read_sizes "$CONFIG"
+echo "$CONFIG: batch $BATCH x n $N, $PLEN/$RLEN tokens, $STEPS steps, $GPUS GPU(s)"
+# ours validates nowhere either: a step is generation and training only
+NO_VAL=(trainer.test_freq=-1 trainer.val_before_train=false)
 
-memlog() { nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 1000 > "$1" 2>/dev/null & echo $!; }
-peak() { sort -t, -k2 -n "$1" | tail -1 | cut -d, -f2; }
+report() {  # LABEL OURS VERL
+  $PY benchmarks/compare_runs.py --label "$1: " --ours "$OUT/$2.jsonl" --verl "$OUT/$3.jsonl" \
+    --verl-sequences-per-step $(( BATCH * N ))
+}
 
-SMI=$(memlog "$OUT/gpumem_ours.csv"); t0=$(date +%s)
-$PY recipe/atropos/launch_atropos_verl_services.py --config recipe/atropos/config/atropos_grpo_smollm2_gpu.yaml \
-  --run-dir "$OUT/ours" actor_rollout_ref.model.path="$MODEL" \
-  data.train_files="$DATA/train.parquet" data.val_files="$DATA/test.parquet" trainer.total_training_steps="$STEPS" \
-  > "$OUT/ours_console.log" 2>&1
-echo "ours: rc=$? after $(( $(date +%s) - t0 )) s, peak GPU memory $(peak "$OUT/gpumem_ours.csv") MiB"
+SMI=$(memlog "$OUT/gpumem.csv")
+if [ "$GPUS" -ge 2 ]; then
+  ours ours_gpu0 "$CONFIG" 0 9001 8000 "${NO_VAL[@]}" & verl_grpo verl_gpu1 1 1 False & wait
+  ours ours_gpu1 "$CONFIG" 1 9011 8010 "${NO_VAL[@]}" & verl_grpo verl_gpu0 0 1 False & wait
+  report "round 1 (ours GPU 0, verl GPU 1)" ours_gpu0 verl_gpu1
+  report "round 2 (ours GPU 1, verl GPU 0)" ours_gpu1 verl_gpu0
+  if [ "${LAYOUTS:-0}" = 1 ]; then
+    ours ours_disaggregated "$CONFIG" 0,1 9021 8020 "${NO_VAL[@]}" actor_rollout_ref.hybrid_engine=false \
+      trainer.n_gpus_per_node=1 actor_rollout_ref.rollout.nnodes=1 actor_rollout_ref.rollout.n_gpus_per_node=1 \
+      actor_rollout_ref.rollout.free_cache_engine=false actor_rollout_ref.rollout.checkpoint_engine.backend=nccl
+    verl_grpo verl_dp2 0,1 2 False
+    report "disaggregated (2 GPUs) against verl data-parallel 2" ours_disaggregated verl_dp2
+    $PY benchmarks/compare_runs.py --label "disaggregated against verl on one GPU: " \
+      --ours "$OUT/ours_disaggregated.jsonl" --verl "$OUT/verl_gpu1.jsonl" --verl-sequences-per-step $(( BATCH * N ))
+  fi
+else
+  ours ours_gpu0 "$CONFIG" 0 9001 8000 "${NO_VAL[@]}"
+  verl_grpo verl_gpu0 0 1 False
+  report "one GPU, one after the other" ours_gpu0 verl_gpu0
+fi
 kill "$SMI" 2>/dev/null
-
-SMI=$(memlog "$OUT/gpumem_native.csv"); t0=$(date +%s)
-VERL_FILE_LOGGER_PATH="$OUT/native_metrics.jsonl" $PY -m verl.trainer.main_ppo \
-  algorithm.adv_estimator=grpo algorithm.use_kl_in_reward=False \
-  data.train_files="$DATA/train.parquet" data.val_files="$DATA/test.parquet" \
-  data.train_batch_size=8 data.max_prompt_length=256 data.max_response_length=256 \
-  data.filter_overlong_prompts=True data.truncation=error data.dataloader_num_workers=0 \
-  actor_rollout_ref.model.path="$MODEL" actor_rollout_ref.model.use_remove_padding=False \
-  +actor_rollout_ref.model.override_config.attn_implementation=sdpa \
-  actor_rollout_ref.actor.optim.lr=1e-5 actor_rollout_ref.actor.ppo_mini_batch_size=8 \
-  actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4 actor_rollout_ref.actor.use_kl_loss=False \
-  actor_rollout_ref.rollout.name=vllm actor_rollout_ref.rollout.tensor_model_parallel_size=1 \
-  actor_rollout_ref.rollout.gpu_memory_utilization=0.3 actor_rollout_ref.rollout.n=4 \
-  actor_rollout_ref.rollout.enforce_eager=True actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4 \
-  actor_rollout_ref.rollout.agent.num_workers=2 actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=4 \
-  reward.num_workers=2 trainer.logger='["console","file"]' trainer.val_before_train=False trainer.test_freq=-1 \
-  trainer.save_freq=-1 trainer.n_gpus_per_node=1 trainer.nnodes=1 trainer.total_epochs=1 \
-  trainer.total_training_steps="$STEPS" trainer.use_v1=False +ray_kwargs.ray_init.include_dashboard=False \
-  > "$OUT/native.log" 2>&1
-echo "native: rc=$? after $(( $(date +%s) - t0 )) s, peak GPU memory $(peak "$OUT/gpumem_native.csv") MiB"
-kill "$SMI" 2>/dev/null
+cat "$OUT/rc.txt"

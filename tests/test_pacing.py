@@ -127,6 +127,29 @@ def test_a_failed_request_returns_nothing_and_frees_its_room():
     run(scenario())
 
 
+def test_a_starved_trainer_with_nothing_moving_lets_one_held_request_through():
+    async def scenario():
+        window = GenerationWindow(window=8, settle_s=60, quiet_s=0.2)
+        await window.observe(0, 0)
+        await window.acquire(8)
+        await window.release(8)
+        # all 8 arrived and wait at the API, but they cannot form a batch without another group
+        await window.observe(8, downstream=8, starved=False)
+        held = [asyncio.create_task(window.acquire(4)) for _ in range(2)]
+        await asyncio.sleep(0.5)
+        assert not any(task.done() for task in held)  # the trainer is not waiting: nothing is let through
+        await window.observe(8, downstream=8, starved=True)
+        done, pending = await asyncio.wait(held, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1
+        await asyncio.sleep(0.5)
+        assert len(pending) == 1 and not pending.pop().done()  # one per quiet spell: the first is in flight
+        assert window.stats().escapes == 1
+        for task in held:
+            task.cancel()
+
+    run(scenario())
+
+
 def test_no_window_never_holds():
     async def scenario():
         window = GenerationWindow()
@@ -174,18 +197,19 @@ class Rig:
     """Gateway (window of ``window`` sequences) over a replica, paced from the API; environments as threads."""
 
     def __init__(self, api: TrajectoryAPI, replica_url: str, window: int, settle_s: float = 30.0,
-                 drop_every: int = 0):
+                 drop_every: int = 0, env_count: int = 1, min_batch_allocation: float | None = None):
         self.api = api
         self.gateway = GatewayServer([replica_url], port=0, window_settle_s=settle_s)
         self.gateway.start()
         self.fetched_ahead = 0
+        self.fetching = False
         self.pacer = GenerationPacer(api.url, self.gateway.observe_downstream, lambda: self.fetched_ahead,
-                                     poll_s=0.05)
+                                     starved=lambda: self.fetching, poll_s=0.05)
         assert self.pacer.supported()
         self.pacer.poll_once()
         self.gateway.size_window(window)
         self.pacer.start()
-        self.env_id = api.register_env("paced", GROUP)
+        self.env_ids = [register_env(api, f"paced{i}", min_batch_allocation) for i in range(env_count)]
         self.drop_every = drop_every
         self.stop = threading.Event()
         self.errors: list[str] = []
@@ -193,13 +217,13 @@ class Rig:
         self._tags = itertools.count()
         self._envs: list[threading.Thread] = []
 
-    def start_envs(self, count: int) -> None:
+    def start_envs(self, count: int, env: int = 0) -> None:
         for _ in range(count):
-            thread = threading.Thread(target=self._env, daemon=True)
+            thread = threading.Thread(target=self._env, args=(self.env_ids[env],), daemon=True)
             thread.start()
             self._envs.append(thread)
 
-    def _env(self) -> None:
+    def _env(self, env_id: int) -> None:
         with httpx.Client(timeout=120) as client:
             while not self.stop.is_set():
                 tag = next(self._tags)
@@ -214,17 +238,21 @@ class Rig:
                     continue  # as atroposlib drops a group whose scores are all equal
                 tokens = [prompt + ids for ids in reply.json()["token_ids"]]
                 group = {"tokens": tokens, "masks": [[-100] * len(prompt) + ids for ids in reply.json()["token_ids"]],
-                         "scores": [float(tag)] * GROUP, "env_id": self.env_id}
+                         "scores": [float(tag)] * GROUP, "env_id": env_id}
                 self.api.post("/scored_data", group)
                 self.posted += GROUP
 
     def fetch(self, timeout: float = 30) -> list[dict]:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            batch = self.api.get("/batch")["batch"]
-            if batch:
-                return batch
-            time.sleep(0.02)
+        self.fetching = True
+        try:
+            while time.monotonic() < deadline:
+                batch = self.api.get("/batch")["batch"]
+                if batch:
+                    return batch
+                time.sleep(0.02)
+        finally:
+            self.fetching = False
         raise AssertionError(f"no batch within {timeout} s: {self.gateway.window_stats()}")
 
     def close(self) -> None:
@@ -234,6 +262,14 @@ class Rig:
             thread.join(timeout=10)
         self.pacer.stop()
         self.gateway.stop()
+
+
+def register_env(api: TrajectoryAPI, name: str, min_batch_allocation: float | None) -> int:
+    body = {"max_token_length": 64, "desired_name": name, "weight": 1.0, "group_size": GROUP,
+            "min_batch_allocation": min_batch_allocation}
+    answer = api.post("/register-env", body)
+    assert answer["status"] == "success", answer
+    return answer["env_id"]
 
 
 @pytest.fixture
@@ -289,5 +325,20 @@ def test_environments_that_drop_groups_still_fill_every_batch(own_api, replica):
             rig.fetch(timeout=30)
         stats = rig.gateway.window_stats()
         assert stats.dropped >= GROUP and rig.errors == []
+    finally:
+        rig.close()
+
+
+def test_a_window_filled_by_one_environment_still_gets_the_other_environments_share(own_api, replica):
+    # each environment must give half of every batch; the greedy one alone can fill the window
+    rig = Rig(own_api, replica.url, window=BATCH, env_count=2, min_batch_allocation=0.5)
+    try:
+        rig.start_envs(3, env=0)
+        time.sleep(0.5)
+        rig.start_envs(1, env=1)
+        for _ in range(4):
+            batch = rig.fetch(timeout=30)
+            assert sorted({group["env_id"] for group in batch}) == rig.env_ids
+        assert rig.gateway.window_stats().escapes >= 1 and rig.errors == []
     finally:
         rig.close()

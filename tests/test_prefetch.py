@@ -41,6 +41,20 @@ def test_fetches_exactly_the_requested_batches(trajectory_api, client):
     prefetcher.stop()
 
 
+def test_a_batch_counts_as_not_trained_until_its_step_is_done_with_it(trajectory_api, client):
+    # the generation window counts these: a batch still training must keep the next one from starting
+    prefetcher = BatchPrefetcher(client, partial(groups_to_dataproto, max_token_len=16, pad_token_id=0))
+    prefetcher.start()
+    assert (prefetcher.unconsumed_sequences, prefetcher.unconsumed_groups) == (0, 0)
+    prefetcher.request(1)
+    trajectory_api.post("/scored_data", group(1.0))
+    batch, _ = prefetcher.get()
+    assert (prefetcher.unconsumed_sequences, prefetcher.unconsumed_groups) == (2, 1)
+    prefetcher.done_with(batch)
+    assert (prefetcher.unconsumed_sequences, prefetcher.unconsumed_groups) == (0, 0)
+    prefetcher.stop()
+
+
 def test_get_waits_for_data_and_reports_the_wait(trajectory_api, client):
     prefetcher = BatchPrefetcher(client, partial(groups_to_dataproto, max_token_len=16, pad_token_id=0))
     prefetcher.start()

@@ -278,7 +278,10 @@ class TrajectoryAPI:
         }
 
     def stats(self) -> dict[str, Any]:
-        """Counters per environment (accepted, served, refused/<reason>), sequences arrived, the queue: not in ``run-api``."""
+        """Counters per environment (accepted, served, refused/<reason>), sequences arrived, the queue.
+
+        Not in ``run-api``.
+        """
         queue = self.store.index(QUEUED)
         buffered = self.store.index(BUFFERED)
         counters = self.store.counters()

@@ -19,6 +19,12 @@ trainer sizes the window (one batch when the replicas sleep while the actor trai
 one more per step of staleness allowed when they keep generating) and reports what
 has arrived at the API and what it has not consumed yet (:meth:`observe`).
 
+A full window can also hold the very request a batch needs: the API forms a batch only
+with each environment's ``min_batch_allocation``, so if one environment filled the window,
+another's group must still come. So while the trainer waits for a batch (``starved``)
+and nothing is moving (nothing in flight, nothing returned and unsettled) for
+``quiet_s``, one held request is let through (``escapes``); at most one per quiet spell.
+
 Environments drop some groups without sending them (atroposlib's envs drop a group
 whose scores are all equal, for one): such sequences never arrive. A sequence that
 has not arrived ``settle_s`` seconds after it was returned is counted as dropped by
@@ -49,24 +55,29 @@ class AdmissionStats:
     held_requests: int  # requests waiting for room now
     held_total: int  # requests that had to wait, ever
     held_s: float  # seconds requests spent waiting, summed
+    escapes: int  # requests let through a full window because the trainer starved with nothing moving
 
 
 class GenerationWindow:
     """The window of outstanding sequences; every method runs on the gateway's event loop."""
 
-    def __init__(self, window: int | None = None, settle_s: float = 5.0, clock=time.monotonic):
+    def __init__(self, window: int | None = None, settle_s: float = 5.0, quiet_s: float = 1.0,
+                 clock=time.monotonic):
         if window is not None and window <= 0:
             raise ValueError(f"the generation window must hold at least one sequence, got {window}")
         if settle_s <= 0:
             raise ValueError(f"settle_s must be > 0 seconds, got {settle_s}")
         self.window = window
         self.settle_s = settle_s
+        self.quiet_s = quiet_s
         self._clock = clock
+        self._starved = False  # the trainer waits for a batch, as last reported
+        self._quiet_since: float | None = clock()  # since when nothing is in flight or unsettled
         self._in_flight = 0
         self._returned: deque[list] = deque()  # [returned at, sequences not arrived yet], oldest first
         self._downstream = 0
         self._arrived_seen: int | None = None  # the API's cumulative count when last observed
-        self._counts = {"admitted": 0, "returned": 0, "arrived": 0, "dropped": 0, "held_total": 0}
+        self._counts = {"admitted": 0, "returned": 0, "arrived": 0, "dropped": 0, "held_total": 0, "escapes": 0}
         self._held_s = 0.0
         self._waiting = 0
         self._changed = asyncio.Condition()
@@ -77,9 +88,21 @@ class GenerationWindow:
         return self._in_flight + sum(entry[1] for entry in self._returned) + self._downstream
 
     def _has_room(self, count: int) -> bool:
-        if self.window is None:
+        if self.window is None or self.outstanding < self.window:
             return True
-        return self.outstanding < self.window
+        if self._quiet_for() >= self.quiet_s and self._starved:
+            self._counts["escapes"] += 1
+            return True
+        return False
+
+    def _quiet_for(self) -> float:
+        self._expire()
+        moving = self._in_flight > 0 or bool(self._returned)
+        if moving:
+            self._quiet_since = None
+        elif self._quiet_since is None:
+            self._quiet_since = self._clock()
+        return 0.0 if self._quiet_since is None else self._clock() - self._quiet_since
 
     async def acquire(self, count: int) -> None:
         """Wait until ``count`` more sequences fit the window, then count them in flight."""
@@ -99,6 +122,7 @@ class GenerationWindow:
                     self._waiting -= 1
                     self._held_s += self._clock() - started
             self._in_flight += count
+            self._quiet_since = None
             self._counts["admitted"] += count
 
     async def release(self, count: int, returned: int | None = None) -> None:
@@ -111,7 +135,7 @@ class GenerationWindow:
                 self._counts["returned"] += returned
             self._changed.notify_all()
 
-    async def observe(self, arrived_total: int, downstream: int) -> None:
+    async def observe(self, arrived_total: int, downstream: int, starved: bool = False) -> None:
         """What the trainer read: sequences that ever arrived at the API, and those not consumed yet.
 
         Arrivals settle the oldest returned sequences first; the first report only sets
@@ -131,6 +155,8 @@ class GenerationWindow:
                 if self._returned[0][1] == 0:
                     self._returned.popleft()
             self._downstream = max(0, downstream)
+            self._starved = starved
+            self._quiet_for()  # starts the quiet spell's clock when nothing moves any more
             self._changed.notify_all()
 
     async def resize(self, window: int | None) -> None:
@@ -154,6 +180,7 @@ class GenerationWindow:
             held_requests=self._waiting,
             held_total=self._counts["held_total"],
             held_s=self._held_s,
+            escapes=self._counts["escapes"],
         )
 
     def _expire(self) -> None:
@@ -162,6 +189,10 @@ class GenerationWindow:
             self._counts["dropped"] += self._returned.popleft()[1]
 
     def _next_expiry(self) -> float:
-        if not self._returned:
-            return self.settle_s
-        return max(0.01, self._returned[0][0] + self.settle_s - self._clock())
+        """Seconds until something may change by time alone: an expiry, or a quiet spell long enough."""
+        waits = [self.settle_s]
+        if self._returned:
+            waits.append(self._returned[0][0] + self.settle_s - self._clock())
+        if self._starved and self._quiet_since is not None:
+            waits.append(self._quiet_since + self.quiet_s - self._clock())
+        return max(0.01, min(waits))

@@ -43,6 +43,7 @@ import dataclasses
 import logging
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -115,6 +116,14 @@ def choices_asked(body: dict[str, Any]) -> int:
     return max(1, int(body.get("n") or 1)) * prompts
 
 
+@dataclasses.dataclass(frozen=True)
+class Drain:
+    """What one pause waited for: requests in flight at the replicas when it began, and how long."""
+
+    requests: int
+    seconds: float
+
+
 class Gateway:
     """Routes requests over the replicas; pausable while weights sync."""
 
@@ -146,10 +155,13 @@ class Gateway:
 
     # -- pause / resume, from the trainer ---------------------------------------------
 
-    async def pause(self) -> None:
-        """Hold new requests and wait until the ones in flight have finished."""
+    async def pause(self) -> Drain:
+        """Hold new requests and wait until the ones in flight have finished: what that cost."""
         self._open.clear()
+        in_flight = sum(self._in_flight.values())
+        started = time.monotonic()
         await self._drained.wait()
+        return Drain(requests=in_flight, seconds=time.monotonic() - started)
 
     async def resume(self, policy_version: int | None = None) -> None:
         """Let requests through again, generated from ``policy_version`` if a new one was synced."""
@@ -391,16 +403,18 @@ class GatewayServer:
         while not self._server.started:
             await asyncio.sleep(0.01)
 
-    def pause(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.gateway.pause(), self._loop).result()
+    def pause(self) -> Drain:
+        return asyncio.run_coroutine_threadsafe(self.gateway.pause(), self._loop).result()
 
     def size_window(self, window: int | None) -> None:
         """At most ``window`` sequences generated and not yet consumed (None: no bound)."""
         asyncio.run_coroutine_threadsafe(self.gateway.window.resize(window), self._loop).result()
 
-    def observe_downstream(self, arrived_total: int, downstream: int) -> None:
-        """Sequences that ever arrived at the API, and those arrived but not consumed yet (see ``admission``)."""
-        asyncio.run_coroutine_threadsafe(self.gateway.window.observe(arrived_total, downstream), self._loop).result()
+    def observe_downstream(self, arrived_total: int, downstream: int, starved: bool = False) -> None:
+        """Sequences that ever arrived at the API, those arrived but not trained yet, and whether the
+        trainer waits for a batch (see :mod:`.admission`)."""
+        observed = self.gateway.window.observe(arrived_total, downstream, starved)
+        asyncio.run_coroutine_threadsafe(observed, self._loop).result()
 
     def window_stats(self):
         return asyncio.run_coroutine_threadsafe(self._window_stats(), self._loop).result()

@@ -65,6 +65,7 @@ def accounting_metrics(ledger: GroupLedger, api_stats: dict | None, fetched_ahea
             metrics[f"atropos/generation/{name}_sequences"] = float(stats[name])
         metrics["atropos/generation/held_requests"] = float(stats["held_total"])
         metrics["atropos/generation/held_s"] = float(stats["held_s"])
+        metrics["atropos/generation/escapes"] = float(stats["escapes"])
     return metrics
 
 

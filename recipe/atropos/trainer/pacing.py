@@ -53,17 +53,20 @@ def window_sequences(configured_batches: int | None, batch_size: int, disaggrega
 class GenerationPacer:
     """Reads the API's counts every ``poll_s`` and hands them to the gateway's window."""
 
-    def __init__(self, api_url: str, observe: Callable[[int, int], None], unconsumed: Callable[[], int],
-                 poll_s: float = 0.25, transport: httpx.BaseTransport | None = None):
+    def __init__(self, api_url: str, observe: Callable[[int, int, bool], None], unconsumed: Callable[[], int],
+                 starved: Callable[[], bool] = lambda: False, poll_s: float = 0.25,
+                 transport: httpx.BaseTransport | None = None):
         """
         Args:
             api_url: the trajectory API.
-            observe: the gateway's ``observe_downstream(arrived_total, downstream)``.
+            observe: the gateway's ``observe_downstream(arrived_total, downstream, starved)``.
             unconsumed: sequences the trainer fetched and has not trained yet.
+            starved: whether the trainer waits for a batch the API has not formed.
         """
         self._http = httpx.Client(base_url=api_url.rstrip("/"), timeout=10, transport=transport)
         self._observe = observe
         self._unconsumed = unconsumed
+        self._starved = starved
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="atropos-pacer", daemon=True)
@@ -102,7 +105,7 @@ class GenerationPacer:
         if body is None:
             return False
         downstream = int(body.get("queued_sequences", 0)) + int(body.get("buffered_sequences", 0))
-        self._observe(int(body["arrived_sequences"]), downstream + self._unconsumed())
+        self._observe(int(body["arrived_sequences"]), downstream + self._unconsumed(), self._starved())
         return True
 
     def _read(self) -> dict | None:

@@ -38,10 +38,11 @@ class BatchPrefetcher:
         self._requests = threading.Semaphore(0)
         self._ready: queue.Queue = queue.Queue()
         self._stop = threading.Event()
-        # groups and sequences fetched, not yet handed to the trainer
+        # groups and sequences fetched and not yet trained (or rejected) by a step
         self._unconsumed_groups = 0
         self._unconsumed = 0
         self._lock = threading.Lock()
+        self._fetching = threading.Event()  # set while a GET /batch poll waits for a batch
         self._thread = threading.Thread(target=self._run, name="atropos-prefetch", daemon=True)
 
     def start(self) -> None:
@@ -62,20 +63,33 @@ class BatchPrefetcher:
         waited = time.monotonic() - started
         if isinstance(item, BaseException):
             raise item
+        return item, waited
+
+    def done_with(self, item: PrefetchedBatch) -> None:
+        """The step that took ``item`` trained it or rejected all of it: it no longer waits anywhere."""
         with self._lock:
             self._unconsumed -= item.sequences
             self._unconsumed_groups -= item.result.num_groups
-        return item, waited
+
+    @property
+    def fetching(self) -> bool:
+        """Whether a batch was asked for and the API has not formed it yet."""
+        return self._fetching.is_set()
 
     @property
     def unconsumed_groups(self) -> int:
-        """Groups taken off the API's queue that the trainer has not been handed yet."""
+        """Groups taken off the API's queue that no step has finished with yet."""
         with self._lock:
             return self._unconsumed_groups
 
     @property
     def unconsumed_sequences(self) -> int:
-        """Sequences taken off the API's queue that the trainer has not been handed yet."""
+        """Sequences taken off the API's queue that no step has finished with yet.
+
+        A batch counts until its step says so (:meth:`done_with`), not only until it is
+        handed over: while it trains, generation for the next one must not start in the
+        colocated layout, where it would be in flight when the replicas go to sleep.
+        """
         with self._lock:
             return self._unconsumed
 
@@ -91,7 +105,11 @@ class BatchPrefetcher:
                 return
             try:
                 started = time.monotonic()
-                fetched = self._client.fetch_batch(cancel=self._stop)
+                self._fetching.set()
+                try:
+                    fetched = self._client.fetch_batch(cancel=self._stop)
+                finally:
+                    self._fetching.clear()
                 if fetched is None:
                     return
                 with self._lock:

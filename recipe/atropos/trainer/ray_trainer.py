@@ -125,6 +125,8 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             window_settle_s=self.atropos.generation_settle_s,
         )
         self.gateway.start()
+        # sized before any environment can call: what is admitted unbounded is never taken back
+        self.gateway.size_window(self._generation_window())
         # the replicas are asleep (colocated) or hold no trained weights yet (standalone) until
         # fit() syncs the actor's weights
         self.gateway.pause()
@@ -266,13 +268,13 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         tracker = self._tracker()
         self.global_steps = 0
         self._load_checkpoint()
-        self._sync_weights()
-
         client = AtroposClient.from_config(self.atropos)
         client.register(self.registration())
         prefetcher = BatchPrefetcher(client, self._convert)
-        prefetcher.start()
+        # while the gateway is still closed: the window's baseline must precede every arrival it counts
         self._start_pacing(prefetcher)
+        self._sync_weights()
+        prefetcher.start()
         # one batch for the first step, one fetched ahead while it trains
         prefetcher.request(min(2, self.total_training_steps - self.global_steps))
         try:
@@ -325,6 +327,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             )
             if shaped.data is None:
                 logger.warning("step %d: every group of the batch was rejected; fetching another", self.global_steps)
+                prefetcher.done_with(prefetched)
                 self._untrained = shaped
                 prefetcher.request(1)
                 return None
@@ -335,7 +338,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             if not self.disaggregated:
                 with marked_timer("pause_rollout", timing_raw):
                     # environments wait at the gateway while the replicas sleep, train and take new weights
-                    self.gateway.pause()
+                    self._record_drain(self.gateway.pause(), metrics)
                     self.checkpoint_manager.sleep_replicas()
             batch = self._old_log_probs(batch, metrics, timing_raw)
             if self.use_reference_policy:
@@ -347,7 +350,9 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
                 actor_output = self._update_actor(batch)
             metrics.update(reduce_metrics(actor_output.meta_info["metrics"]))
             self._maybe_save_checkpoint(timing_raw)
-            self._sync_weights(timing_raw)
+            # trained: room in the generation window for the next batch, generated under the new weights
+            prefetcher.done_with(prefetched)
+            self._sync_weights(timing_raw, metrics)
         if self.atropos.check_weight_sync:
             metrics.update(self._weight_sync_gap(batch))
         self._maybe_validate(metrics, timing_raw)
@@ -369,25 +374,29 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
 
     # -- pacing and accounting ---------------------------------------------------------
 
-    def _start_pacing(self, prefetcher: BatchPrefetcher) -> None:
-        """Size the gateway's generation window and keep it fed from the API (see :mod:`.pacing`)."""
-        window = window_sequences(
+    def _generation_window(self) -> int | None:
+        return window_sequences(
             self.atropos.generation_window_batches,
             self.registered_batch_size,
             disaggregated=self.disaggregated,
             max_policy_lag_steps=self.atropos.max_policy_lag_steps,
         )
+
+    def _start_pacing(self, prefetcher: BatchPrefetcher) -> None:
+        """Keep the gateway's generation window fed from the API (see :mod:`.pacing`)."""
         pacer = GenerationPacer(self.atropos.api_url, self.gateway.observe_downstream,
-                                unconsumed=lambda: prefetcher.unconsumed_sequences)
+                                unconsumed=lambda: prefetcher.unconsumed_sequences,
+                                starved=lambda: prefetcher.fetching)
         # the pacer also reads the API's counts for the accounting, window or not
         self._pacer = pacer if pacer.supported() else None
         if self._pacer is None:
             logger.warning("the trajectory API has no /stats with arrival counts (run-api): generation is not paced")
             pacer.stop()
+            self.gateway.size_window(None)
             return
         pacer.poll_once()  # the baseline: what arrived before this trainer started is not in the window
+        window = self._generation_window()
         if window is not None:
-            self.gateway.size_window(window)
             logger.info("generation window: %d sequences (%d registered batches)",
                         window, window // self.registered_batch_size)
         pacer.start()
@@ -399,7 +408,13 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
 
     # -- stages ----------------------------------------------------------------------
 
-    def _sync_weights(self, timing_raw: dict | None = None) -> None:
+    @staticmethod
+    def _record_drain(drain, metrics: dict) -> None:
+        """What the pause before the replicas stop generating cost: requests it let finish, and the wait."""
+        metrics["atropos/sync_drained_requests"] = float(drain.requests)
+        metrics["atropos/sync_drain_s"] = drain.seconds
+
+    def _sync_weights(self, timing_raw: dict | None = None, metrics: dict | None = None) -> None:
         """The actor's weights to every replica, then the gateway open at the new policy version.
 
         Standalone replicas are still generating: the gateway drains them first, so
@@ -408,7 +423,9 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         timing_raw = {} if timing_raw is None else timing_raw
         if self.disaggregated:
             with marked_timer("pause_rollout", timing_raw):
-                self.gateway.pause()
+                drain = self.gateway.pause()
+            if metrics is not None:
+                self._record_drain(drain, metrics)
         with marked_timer("update_weights", timing_raw):
             self.checkpoint_manager.update_weights(self.global_steps)
         self.policy_version = self.global_steps

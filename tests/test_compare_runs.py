@@ -1,0 +1,57 @@
+"""benchmarks/compare_runs.py: the comparison's figures from two metrics files, as verl's file tracker writes them."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "compare_runs.py"
+compare_runs = runpy.run_path(str(SCRIPT))
+
+
+def write_run(path: Path, steps: list[dict]) -> Path:
+    with path.open("w") as file:
+        for step, data in enumerate(steps, start=1):
+            file.write(json.dumps({"step": step, "data": data}) + "\n")
+    return path
+
+
+def ours_step(step_s: float, sequences: float, wait_s: float, groups: float, stale: float) -> dict:
+    return {"timing_s/step": step_s, "atropos/sequences": sequences, "atropos/batch_wait_s": wait_s,
+            "atropos/groups": groups, "atropos/groups_rejected": stale,
+            "atropos/rejected/policy_lag_exceeded": stale}
+
+
+def test_figures_count_steps_three_on(tmp_path):
+    # steps 1-2 (start-up) are far off and must not count
+    ours = write_run(tmp_path / "ours.jsonl", [
+        ours_step(100, 8, 90, 2, 9), ours_step(50, 8, 40, 2, 9),
+        ours_step(10, 8, 1, 2, 0), ours_step(12, 8, 3, 2, 2), ours_step(14, 4, 2, 1, 0),
+    ])
+    figures = compare_runs["run_figures"](ours)
+    assert figures.steps == 3
+    assert figures.median_step_s == 12
+    assert figures.sequences_per_s == pytest.approx(20 / 36)
+    assert figures.stale_share == pytest.approx(2 / 7)  # 2 stale of 5 trained + 2 rejected groups
+    assert figures.wait_share == pytest.approx(6 / 36)
+    assert figures.gen_share is None
+
+
+def test_verl_runs_need_their_sequences_per_step_and_the_ratios_are_printed(tmp_path):
+    ours = write_run(tmp_path / "ours.jsonl", [ours_step(10, 8, 0, 2, 0)] * 4)
+    verl = write_run(tmp_path / "verl.jsonl", [{"timing_s/step": 8.0, "timing_s/gen": 2.0}] * 4)
+    with pytest.raises(SystemExit, match="sequences per step"):
+        compare_runs["run_figures"](verl)
+    figures = compare_runs["run_figures"](verl, sequences_per_step=8)
+    assert (figures.median_step_s, figures.sequences_per_s, figures.gen_share) == (8.0, 1.0, 0.25)
+    printed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--ours", str(ours), "--verl", str(verl), "--verl-sequences-per-step", "8"],
+        capture_output=True, text=True, check=True, cwd=tmp_path,
+    ).stdout
+    assert "ratio ours/verl: step time 1.250, trained sequences/s 0.800" in printed
