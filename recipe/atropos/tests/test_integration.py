@@ -219,6 +219,22 @@ def test_launcher_trains_three_steps_with_two_environments(launch):
         assert len(envs) == 2, metrics
         # the credit environment's token-level advantages were trained on: half the sequences
         assert metrics["atropos/override_fraction"] == 0.5, metrics
+
+    # where every group went: arrived = trained + rejected + refused + queued + fetched ahead, up to
+    # one batch in transit, and exactly at the end (nothing is fetched for a step that never comes)
+    def unaccounted(metrics: dict) -> float:
+        a = "atropos/accounting/"
+        return metrics[a + "arrived_groups"] - sum(
+            metrics[a + name] for name in
+            ("trained_groups", "rejected_groups", "refused_groups", "queued_groups", "fetched_ahead_groups")
+        )
+
+    for step, metrics in steps.items():
+        assert 0 <= unaccounted(metrics) <= 2, (step, metrics)
+    assert unaccounted(steps[3]) == 0 and steps[3]["atropos/accounting/fetched_ahead_groups"] == 0, steps[3]
+    # generation paced to one batch a step: nothing went stale
+    assert steps[3].get("atropos/accounting/rejected/policy_lag_exceeded", 0) == 0, steps[3]
+    assert steps[3]["atropos/generation/window_sequences"] == 8
     assert run.alive() == []
 
 

@@ -332,8 +332,9 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
                 prefetcher.request(1)
                 return None
             self._untrained = None
-            if self.global_steps + 1 <= self.total_training_steps:
-                prefetcher.request(1)  # the batch after the next one, fetched while this one trains
+            if self.global_steps + 2 <= self.total_training_steps:
+                # the batch after the next one (the next is fetched already), taken while this one trains
+                prefetcher.request(1)
             batch = self._prepare_batch(shaped.data, metrics)
             if not self.disaggregated:
                 with marked_timer("pause_rollout", timing_raw):
