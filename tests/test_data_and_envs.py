@@ -37,6 +37,17 @@ def test_prepare_writes_verl_parquet_from_the_generator(tmp_path):
     assert row["reward_model"]["ground_truth"] == prepare_gsm8k.final_answer(row["extra_info"]["answer"])
 
 
+def test_one_digit_problems_in_gsm8k_jsonl_for_environments_that_read_their_own_data(tmp_path):
+    prepare_gsm8k.prepare("synthetic", str(tmp_path), train_size=30, test_size=5, max_answer=9, gsm8k_jsonl=True)
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 30 and len((tmp_path / "test.jsonl").read_text().splitlines()) == 5
+    assert all(set(row) == {"question", "answer"} for row in rows)
+    answers = [int(prepare_gsm8k.final_answer(row["answer"])) for row in rows]
+    assert max(answers) <= 9 and len(set(answers)) > 3
+    with pytest.raises(ValueError, match="max_answer"):
+        make_problems(3, max_answer=0)
+
+
 def test_prepare_from_a_local_jsonl(tmp_path):
     path = tmp_path / "gsm8k.jsonl"
     path.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": f"work\n#### {i},000"}) for i in range(10)))

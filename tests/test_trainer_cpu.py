@@ -12,7 +12,6 @@ import httpx
 import pytest
 
 from recipe.atropos.data.prepare_gsm8k import prepare
-from recipe.atropos.launcher.metrics_file import read_step_metrics
 from recipe.atropos.models.make_tiny_model import write_tiny_model
 from recipe.atropos.trainer.sync_check import replica_prompt_logprobs
 from tests.cpu_run import CPURun
@@ -77,22 +76,6 @@ def test_three_steps_through_a_real_environment(cpu_run, assets):
         assert metrics["atropos/weight_sync_max_logprob_gap"] < 1e-4
     fixed_probe = [steps[s]["atropos/weight_sync_fixed_probe_logprob"] for s in (1, 2, 3)]
     assert len(set(fixed_probe)) == 3, f"the replicas' weights did not move: {fixed_probe}"
-
-
-def test_held_out_accuracy_before_and_after_training(cpu_run, assets):
-    # what a learning run reports: verl's validation on the replicas, before training and at the end
-    test_file = assets["train"].replace("train.parquet", "test.parquet")
-    cpu_run.start_trainer("trainer.total_training_steps=2", f"data.val_files={test_file}",
-                          "trainer.val_before_train=true", "trainer.test_freq=2")
-    cpu_run.wait_gateway()
-    cpu_run.start_env("recipe.atropos.envs.gsm8k", assets["train"])
-    assert cpu_run.wait_trainer() == 0, cpu_run.log("trainer")[-4000:]
-    validations = read_step_metrics(cpu_run.metrics_file, require_prefix="val-core/")
-    assert sorted(validations) == [0, 2], validations
-    for step, metrics in validations.items():
-        accuracy = [value for name, value in metrics.items() if name.endswith("/acc/mean@1")]
-        assert len(accuracy) == 1 and 0.0 <= accuracy[0] <= 1.0, (step, metrics)
-    assert sorted(cpu_run.steps()) == [1, 2]
 
 
 def designed_group(rng: random.Random, favoured: list[int], disfavoured: list[int]) -> dict:

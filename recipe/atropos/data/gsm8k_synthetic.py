@@ -46,8 +46,16 @@ def make_problem(rng: random.Random, steps: int) -> dict[str, str]:
     return {"question": question, "answer": answer}
 
 
-def make_problems(count: int, steps: int = 1, seed: int = 0) -> list[dict[str, str]]:
+def make_problems(count: int, steps: int = 1, seed: int = 0, max_answer: int | None = None) -> list[dict[str, str]]:
+    """``count`` problems; with ``max_answer``, only those whose answer is at most that."""
     if count < 0 or steps < 1:
         raise ValueError(f"need count >= 0 and steps >= 1, got count={count}, steps={steps}")
+    if max_answer is not None and max_answer < 1:
+        raise ValueError(f"max_answer must be >= 1, got {max_answer}")
     rng = random.Random(seed)
-    return [make_problem(rng, steps) for _ in range(count)]
+    problems: list[dict[str, str]] = []
+    while len(problems) < count:
+        problem = make_problem(rng, steps)
+        if max_answer is None or int(problem["answer"].rsplit("#### ", 1)[1]) <= max_answer:
+            problems.append(problem)
+    return problems

@@ -75,8 +75,10 @@ def write_split(rows: list[dict], path: str) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
-def prepare(source: str, out: str, *, jsonl=None, test_jsonl=None, train_size=2000, test_size=200, steps=1, seed=0):
-    """Write ``train.parquet`` and ``test.parquet`` under ``out``; returns the source used."""
+def prepare(source: str, out: str, *, jsonl=None, test_jsonl=None, train_size=2000, test_size=200, steps=1, seed=0,
+            max_answer=None, gsm8k_jsonl=False):
+    """Write ``train.parquet`` and ``test.parquet`` under ``out`` (and, with ``gsm8k_jsonl``, the
+    problems in GSM8K's own format as ``train.jsonl`` and ``test.jsonl``); returns the source used."""
     out = os.path.expanduser(out)
     os.makedirs(out, exist_ok=True)
     if source == "auto":
@@ -95,10 +97,16 @@ def prepare(source: str, out: str, *, jsonl=None, test_jsonl=None, train_size=20
         test = read_jsonl(test_jsonl) if test_jsonl else train[-max(1, len(train) // 10):]
         train = train if test_jsonl else train[: -max(1, len(train) // 10)]
     if source == "synthetic":
-        problems = make_problems(train_size + test_size, steps=steps, seed=seed)
+        problems = make_problems(train_size + test_size, steps=steps, seed=seed, max_answer=max_answer)
         train, test = problems[:train_size], problems[train_size:]
     write_split(to_verl_rows(train, "train"), os.path.join(out, "train.parquet"))
     write_split(to_verl_rows(test, "test"), os.path.join(out, "test.parquet"))
+    if gsm8k_jsonl:
+        # what Atropos's own GSM8K environment reads, for environments that load data themselves
+        for name, problems in (("train", train), ("test", test)):
+            with open(os.path.join(out, f"{name}.jsonl"), "w") as handle:
+                for problem in problems:
+                    handle.write(json.dumps({"question": problem["question"], "answer": problem["answer"]}) + "\n")
     return source, len(train), len(test)
 
 
@@ -112,10 +120,14 @@ def main() -> None:
     parser.add_argument("--test-size", type=int, default=200, help="synthetic problems in the test split")
     parser.add_argument("--steps", type=int, default=1, help="reasoning steps per synthetic problem")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-answer", type=int, help="synthetic problems only whose answer is at most this")
+    parser.add_argument("--gsm8k-jsonl", action="store_true",
+                        help="also write train.jsonl and test.jsonl in GSM8K's own format")
     args = parser.parse_args()
     source, n_train, n_test = prepare(
         args.source, args.out, jsonl=args.jsonl, test_jsonl=args.test_jsonl, train_size=args.train_size,
-        test_size=args.test_size, steps=args.steps, seed=args.seed,
+        test_size=args.test_size, steps=args.steps, seed=args.seed, max_answer=args.max_answer,
+        gsm8k_jsonl=args.gsm8k_jsonl,
     )
     print(f"wrote {n_train} train and {n_test} test rows ({source}) to {os.path.expanduser(args.out)}")
 

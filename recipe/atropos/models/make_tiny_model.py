@@ -5,6 +5,9 @@ ChatML specials), the chat template is ChatML, and the model (Qwen2 architecture
 about 0.2 M parameters) runs a training step on a laptop core in well under a second.
 
     python -m recipe.atropos.models.make_tiny_model --out ~/models/tiny-qwen2
+
+``--boxed-answers`` teaches it to end every reply with ``The answer is \\boxed{D}``
+(:mod:`.boxed_answers`), for environments that drop groups whose scores are all equal.
 """
 
 from __future__ import annotations
@@ -78,13 +81,17 @@ def readable_by_transformers_4(config_path: str) -> None:
         json.dump(config, handle, indent=2)
 
 
-def write_tiny_model(out: str, seed: int = 0) -> str:
+def write_tiny_model(out: str, seed: int = 0, boxed_answers: bool = False) -> str:
     out = os.path.expanduser(out)
     os.makedirs(out, exist_ok=True)
     tokenizer = make_tokenizer()
     tokenizer.save_pretrained(out)
     readable_by_transformers_4(os.path.join(out, "tokenizer_config.json"))
     model = make_model(tokenizer, seed=seed)
+    if boxed_answers:
+        from .boxed_answers import teach_boxed_answers
+
+        teach_boxed_answers(model, tokenizer, seed=seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
@@ -95,9 +102,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder to write the model and tokenizer to")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--boxed-answers", action="store_true",
+                        help="teach it to end every reply with 'The answer is \\boxed{D}' (a few minutes on CPU)")
     args = parser.parse_args()
-    out = write_tiny_model(args.out, seed=args.seed)
-    print(f"wrote a tiny random Qwen2 model and byte-level tokenizer to {out}")
+    out = write_tiny_model(args.out, seed=args.seed, boxed_answers=args.boxed_answers)
+    kind = "boxed-answer" if args.boxed_answers else "random"
+    print(f"wrote a tiny {kind} Qwen2 model and byte-level tokenizer to {out}")
 
 
 if __name__ == "__main__":

@@ -61,7 +61,10 @@ class GenerationPacer:
             api_url: the trajectory API.
             observe: the gateway's ``observe_downstream(arrived_total, downstream, starved)``.
             unconsumed: sequences the trainer fetched and has not trained yet.
-            starved: whether the trainer waits for a batch the API has not formed.
+            starved: whether the training thread is blocked for its next batch. Not the
+                prefetch fetching ahead: in the colocated layout that goes on while the
+                actor trains, and a request let through then would be in flight at the
+                next sleep.
         """
         self._http = httpx.Client(base_url=api_url.rstrip("/"), timeout=10, transport=transport)
         self._observe = observe

@@ -42,7 +42,7 @@ class BatchPrefetcher:
         self._unconsumed_groups = 0
         self._unconsumed = 0
         self._lock = threading.Lock()
-        self._fetching = threading.Event()  # set while a GET /batch poll waits for a batch
+        self._waiting = threading.Event()  # set while the training thread waits in get()
         self._thread = threading.Thread(target=self._run, name="atropos-prefetch", daemon=True)
 
     def start(self) -> None:
@@ -59,7 +59,11 @@ class BatchPrefetcher:
         Re-raises, in the training thread, any error the background fetch hit.
         """
         started = time.monotonic()
-        item = self._ready.get()
+        self._waiting.set()
+        try:
+            item = self._ready.get()
+        finally:
+            self._waiting.clear()
         waited = time.monotonic() - started
         if isinstance(item, BaseException):
             raise item
@@ -72,9 +76,9 @@ class BatchPrefetcher:
             self._unconsumed_groups -= item.result.num_groups
 
     @property
-    def fetching(self) -> bool:
-        """Whether a batch was asked for and the API has not formed it yet."""
-        return self._fetching.is_set()
+    def trainer_waiting(self) -> bool:
+        """Whether the training thread is blocked for its next batch (not merely fetching ahead)."""
+        return self._waiting.is_set()
 
     @property
     def unconsumed_groups(self) -> int:
@@ -105,11 +109,7 @@ class BatchPrefetcher:
                 return
             try:
                 started = time.monotonic()
-                self._fetching.set()
-                try:
-                    fetched = self._client.fetch_batch(cancel=self._stop)
-                finally:
-                    self._fetching.clear()
+                fetched = self._client.fetch_batch(cancel=self._stop)
                 if fetched is None:
                     return
                 with self._lock:

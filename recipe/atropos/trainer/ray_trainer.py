@@ -387,7 +387,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         """Keep the gateway's generation window fed from the API (see :mod:`.pacing`)."""
         pacer = GenerationPacer(self.atropos.api_url, self.gateway.observe_downstream,
                                 unconsumed=lambda: prefetcher.unconsumed_sequences,
-                                starved=lambda: prefetcher.fetching)
+                                starved=lambda: prefetcher.trainer_waiting)
         # the pacer also reads the API's counts for the accounting, window or not
         self._pacer = pacer if pacer.supported() else None
         if self._pacer is None:

@@ -29,6 +29,11 @@ from .stall import QueueState, diagnose
 logger = logging.getLogger(__name__)
 
 
+# Longest pause between polls of an empty /batch, whatever backoff_max_s (which paces retries) says:
+# a batch the API can form is taken within this, and a poll on loopback costs next to nothing.
+BATCH_POLL_MAX_S = 0.25
+
+
 class AtroposAPIError(RuntimeError):
     """A call to the trajectory API failed."""
 
@@ -211,7 +216,7 @@ class AtroposClient:
                 time.sleep(min(delay, remaining))
             elif cancel.wait(min(delay, remaining)):
                 return None
-            delay = min(delay * 2, self.backoff_max_s)
+            delay = min(delay * 2, self.backoff_max_s, BATCH_POLL_MAX_S)
 
     def status(self) -> dict[str, Any]:
         """``GET /status``: ``{"current_step", "queue_size"}`` (queue size in groups)."""
