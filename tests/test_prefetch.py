@@ -45,13 +45,13 @@ def test_a_batch_counts_as_not_trained_until_its_step_is_done_with_it(trajectory
     # the generation window counts these: a batch still training must keep the next one from starting
     prefetcher = BatchPrefetcher(client, partial(groups_to_dataproto, max_token_len=16, pad_token_id=0))
     prefetcher.start()
-    assert (prefetcher.unconsumed_sequences, prefetcher.unconsumed_groups) == (0, 0)
+    assert (prefetcher.unconsumed_groups, prefetcher.done_sequences) == (0, 0)
     prefetcher.request(1)
     trajectory_api.post("/scored_data", group(1.0))
     batch, _ = prefetcher.get()
-    assert (prefetcher.unconsumed_sequences, prefetcher.unconsumed_groups) == (2, 1)
+    assert (prefetcher.unconsumed_groups, prefetcher.done_sequences) == (1, 0)
     prefetcher.done_with(batch)
-    assert (prefetcher.unconsumed_sequences, prefetcher.unconsumed_groups) == (0, 0)
+    assert (prefetcher.unconsumed_groups, prefetcher.done_sequences) == (0, 2)
     prefetcher.stop()
 
 

@@ -47,6 +47,8 @@ EMPTY_EXAMPLE = {
 
 # sequences of every group that reached the door, refused or not (a meta value, not a per-env counter)
 ARRIVED_SEQUENCES = "arrived_sequences"
+# sequences of every group served to the trainer: what left the queue, so nothing in transit is missed
+SERVED_SEQUENCES = "served_sequences"
 
 
 def env_key(env_id: int | None) -> str:
@@ -121,6 +123,8 @@ class TrajectoryAPI:
             self.store.put("step", self.step + 1)
             for group in chosen:
                 self.store.bump(env_key(group.env_id), "served")
+            served = sum(group.size for group in chosen)
+            self.store.put(SERVED_SEQUENCES, self.store.get(SERVED_SEQUENCES, 0) + served)
         logger.info(
             "step %d: served %d groups, %d sequences, oldest first",
             self.step,
@@ -292,6 +296,8 @@ class TrajectoryAPI:
             "buffered_groups": len(buffered),
             "buffered_sequences": sum(g.size for g in buffered),
             "arrived_sequences": self.store.get(ARRIVED_SEQUENCES, 0),
+            # read after the queue: a batch served in between is counted twice, never missed
+            "served_sequences": self.store.get(SERVED_SEQUENCES, 0),
             "envs": counters,
         }
 

@@ -3,9 +3,11 @@
 The gateway holds generation requests once the sequences generated and not yet
 consumed fill a window (:mod:`..gateway.admission`). This module sizes that window
 and keeps it fed, from a background thread, with what only the trainer side can
-see: how many sequences ever arrived at the trajectory API (``arrived_sequences``
-in the project's ``GET /stats``) and how many wait there or in the trainer's
-prefetch, not trained yet.
+see, from the project's ``GET /stats`` and the trainer's own count: how many
+sequences ever arrived at the trajectory API (``arrived_sequences``), and how many
+are downstream, not trained yet: queued there, plus served to the trainer
+(``served_sequences``) minus those a step finished with. Counting what was served,
+rather than what the trainer holds, leaves no gap while a batch is in transit.
 
 The window, in registered batches (``trainer.atropos.generation_window_batches``):
 
@@ -53,14 +55,14 @@ def window_sequences(configured_batches: int | None, batch_size: int, disaggrega
 class GenerationPacer:
     """Reads the API's counts every ``poll_s`` and hands them to the gateway's window."""
 
-    def __init__(self, api_url: str, observe: Callable[[int, int, bool], None], unconsumed: Callable[[], int],
+    def __init__(self, api_url: str, observe: Callable[[int, int, bool], None], done: Callable[[], int],
                  starved: Callable[[], bool] = lambda: False, poll_s: float = 0.25,
                  transport: httpx.BaseTransport | None = None):
         """
         Args:
             api_url: the trajectory API.
             observe: the gateway's ``observe_downstream(arrived_total, downstream, starved)``.
-            unconsumed: sequences the trainer fetched and has not trained yet.
+            done: sequences the trainer finished with (trained, or rejected whole), ever.
             starved: whether the training thread is blocked for its next batch. Not the
                 prefetch fetching ahead: in the colocated layout that goes on while the
                 actor trains, and a request let through then would be in flight at the
@@ -68,7 +70,9 @@ class GenerationPacer:
         """
         self._http = httpx.Client(base_url=api_url.rstrip("/"), timeout=10, transport=transport)
         self._observe = observe
-        self._unconsumed = unconsumed
+        self._done = done
+        self._served_before: int | None = None  # served to an earlier trainer: not this one's to count
+        self._done_before = 0
         self._starved = starved
         self.poll_s = poll_s
         self._stop = threading.Event()
@@ -107,8 +111,14 @@ class GenerationPacer:
             return False
         if body is None:
             return False
-        downstream = int(body.get("queued_sequences", 0)) + int(body.get("buffered_sequences", 0))
-        self._observe(int(body["arrived_sequences"]), downstream + self._unconsumed(), self._starved())
+        done = self._done()
+        queued = int(body.get("queued_sequences", 0)) + int(body.get("buffered_sequences", 0))
+        served = int(body.get("served_sequences", 0))
+        if self._served_before is None or served < self._served_before:
+            # the first reading, or an API that restarted and counts from 0: a new baseline
+            self._served_before, self._done_before = served, done
+        in_trainer = max(0, (served - self._served_before) - (done - self._done_before))
+        self._observe(int(body["arrived_sequences"]), queued + in_trainer, self._starved())
         return True
 
     def _read(self) -> dict | None:

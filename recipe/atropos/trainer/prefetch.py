@@ -38,9 +38,9 @@ class BatchPrefetcher:
         self._requests = threading.Semaphore(0)
         self._ready: queue.Queue = queue.Queue()
         self._stop = threading.Event()
-        # groups and sequences fetched and not yet trained (or rejected) by a step
+        # groups fetched and not yet trained (or rejected) by a step
         self._unconsumed_groups = 0
-        self._unconsumed = 0
+        self._done = 0  # sequences of every batch a step finished with
         self._lock = threading.Lock()
         self._waiting = threading.Event()  # set while the training thread waits in get()
         self._thread = threading.Thread(target=self._run, name="atropos-prefetch", daemon=True)
@@ -72,8 +72,19 @@ class BatchPrefetcher:
     def done_with(self, item: PrefetchedBatch) -> None:
         """The step that took ``item`` trained it or rejected all of it: it no longer waits anywhere."""
         with self._lock:
-            self._unconsumed -= item.sequences
             self._unconsumed_groups -= item.result.num_groups
+            self._done += item.sequences
+
+    @property
+    def done_sequences(self) -> int:
+        """Sequences of every batch a step trained or rejected whole, since this prefetcher started.
+
+        A batch counts as done when its step says so (:meth:`done_with`), not when it is
+        handed over: while it trains, generation for the next one must not start in the
+        colocated layout, where it would be in flight when the replicas go to sleep.
+        """
+        with self._lock:
+            return self._done
 
     @property
     def trainer_waiting(self) -> bool:
@@ -85,17 +96,6 @@ class BatchPrefetcher:
         """Groups taken off the API's queue that no step has finished with yet."""
         with self._lock:
             return self._unconsumed_groups
-
-    @property
-    def unconsumed_sequences(self) -> int:
-        """Sequences taken off the API's queue that no step has finished with yet.
-
-        A batch counts until its step says so (:meth:`done_with`), not only until it is
-        handed over: while it trains, generation for the next one must not start in the
-        colocated layout, where it would be in flight when the replicas go to sleep.
-        """
-        with self._lock:
-            return self._unconsumed
 
     def stop(self) -> None:
         self._stop.set()
@@ -113,7 +113,6 @@ class BatchPrefetcher:
                 if fetched is None:
                     return
                 with self._lock:
-                    self._unconsumed += fetched.num_sequences
                     self._unconsumed_groups += len(fetched.groups)
                 converted_at = time.monotonic()
                 result = self._convert(fetched.groups)

@@ -386,7 +386,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
     def _start_pacing(self, prefetcher: BatchPrefetcher) -> None:
         """Keep the gateway's generation window fed from the API (see :mod:`.pacing`)."""
         pacer = GenerationPacer(self.atropos.api_url, self.gateway.observe_downstream,
-                                unconsumed=lambda: prefetcher.unconsumed_sequences,
+                                done=lambda: prefetcher.done_sequences,
                                 starved=lambda: prefetcher.trainer_waiting)
         # the pacer also reads the API's counts for the accounting, window or not
         self._pacer = pacer if pacer.supported() else None
