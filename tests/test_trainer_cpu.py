@@ -240,9 +240,12 @@ STANDALONE_LAYOUT = [
 ]
 
 
-def test_disaggregated_layout_trains_while_the_standalone_replica_generates(cpu_run, assets):
+# partial_rollout: verl's weight update aborts what is in flight and the gateway continues it
+@pytest.mark.parametrize("partial_rollout", [False, True], ids=["drain", "partial rollout"])
+def test_disaggregated_layout_trains_while_the_standalone_replica_generates(cpu_run, assets, partial_rollout):
     cpu_run.start_trainer(
-        "trainer.total_training_steps=3", "trainer.atropos.check_weight_sync=true", *STANDALONE_LAYOUT
+        "trainer.total_training_steps=3", "trainer.atropos.check_weight_sync=true", *STANDALONE_LAYOUT,
+        f"trainer.atropos.partial_rollout={str(partial_rollout).lower()}",
     )
     cpu_run.wait_gateway()
     cpu_run.start_env("recipe.atropos.envs.gsm8k_answer_credit", assets["train"])
@@ -261,3 +264,16 @@ def test_disaggregated_layout_trains_while_the_standalone_replica_generates(cpu_
         assert "timing_s/update_weights" in metrics
     fixed_probe = [steps[s]["atropos/weight_sync_fixed_probe_logprob"] for s in (1, 2, 3)]
     assert len(set(fixed_probe)) == 3, f"the replica's weights did not move: {fixed_probe}"
+
+
+def test_colocated_partial_rollout_aborts_before_sleep_and_resumes_after_the_sync(cpu_run, assets):
+    # the replicas are aborted (verl's abort_replicas) before they sleep, and must take requests
+    # again after the weight update (resume_generation_replicas): a third step proves they did
+    cpu_run.start_trainer("trainer.total_training_steps=3", "trainer.atropos.partial_rollout=true")
+    cpu_run.wait_gateway()
+    cpu_run.start_env("recipe.atropos.envs.gsm8k", assets["train"])
+    assert cpu_run.wait_trainer() == 0, cpu_run.log("trainer")[-4000:]
+    steps = cpu_run.steps()
+    assert sorted(steps) == [1, 2, 3]
+    for metrics in steps.values():
+        assert metrics["atropos/sync_drain_s"] < 1.0  # nothing waited for: what was in flight was aborted

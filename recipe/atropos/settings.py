@@ -80,6 +80,10 @@ class AtroposConfig(BaseConfig):
             environments' requests while the sequences generated and not yet trained fill
             this many registered batches (:mod:`~recipe.atropos.trainer.pacing`). None: 1
             colocated, 1 + ``max_policy_lag_steps`` with standalone replicas; 0: no window.
+        partial_rollout: at a weight sync, abort the requests in flight (verl's
+            ``abort_all_requests``) instead of waiting for them, and continue them under the
+            new weights (:mod:`~recipe.atropos.gateway.partial_rollout`); a sequence then
+            carries the oldest version it was sampled under.
         generation_settle_s: a sequence returned to an environment that has not arrived
             at the API this many seconds later counts as dropped by the environment, and
             its room in the window is given back.
@@ -107,6 +111,7 @@ class AtroposConfig(BaseConfig):
     stall_timeout_s: float = 120.0
     generation_window_batches: int | None = None
     generation_settle_s: float = 5.0
+    partial_rollout: bool = False
 
     @property
     def gateway_url(self) -> str:

@@ -7,9 +7,11 @@ with the one verl's actor computes at temperature 1.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 
 @dataclass
@@ -20,7 +22,19 @@ class Sample:
     logprobs: list[float]
     # per position: {token id: log-prob} for the sampled token and the top-k, k = the request's logprobs
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
-    finish_reason: str = "length"  # "stop" when it ended on an end-of-sequence token
+    finish_reason: str = "length"  # "stop" when it ended on an end-of-sequence token, "abort" when cut short
+
+
+class _Aborted(StoppingCriteria):
+    """Stops every row at the next token once ``event`` is set (a weight sync aborts generation)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+        self.fired = False
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.fired = self.fired or self.event.is_set()
+        return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
 
 
 @torch.no_grad()
@@ -36,8 +50,13 @@ def sample(
     logprobs: int = 0,
     stop_token_ids: tuple[int, ...] = (),
     seed: int | None = None,
+    abort: threading.Event | None = None,
 ) -> list[Sample]:
-    """Sample ``n`` continuations of ``prompt_ids`` (greedy when ``temperature`` is 0)."""
+    """Sample ``n`` continuations of ``prompt_ids`` (greedy when ``temperature`` is 0).
+
+    Setting ``abort`` ends them early: what was generated so far comes back, ``finish_reason``
+    "abort", as vLLM answers a request aborted for a weight sync.
+    """
     if not prompt_ids:
         raise ValueError("the prompt has no tokens")
     if seed is not None:
@@ -46,7 +65,8 @@ def sample(
     do_sample = temperature > 0
     if not do_sample and n > 1:  # greedy: every continuation is the same one
         return sample(model, prompt_ids, n=1, max_tokens=max_tokens, temperature=0, logprobs=logprobs,
-                      stop_token_ids=stop_token_ids) * n
+                      stop_token_ids=stop_token_ids, abort=abort) * n
+    aborted = _Aborted(abort) if abort is not None else None
     out = model.generate(
         input_ids,
         attention_mask=torch.ones_like(input_ids),
@@ -61,6 +81,7 @@ def sample(
         pad_token_id=stop_token_ids[0] if stop_token_ids else None,
         output_logits=True,
         return_dict_in_generate=True,
+        stopping_criteria=StoppingCriteriaList([aborted] if aborted else []),
     )
     generated = out.sequences[:, input_ids.shape[1] :]
     # (n, steps, vocab) raw log-probs of every generated position
@@ -68,7 +89,7 @@ def sample(
     samples = []
     for row in range(n):
         tokens = generated[row].tolist()
-        finish = "length"
+        finish = "abort" if aborted is not None and aborted.fired and len(tokens) < max_tokens else "length"
         for position, token in enumerate(tokens):
             if token in stop_token_ids:
                 tokens = tokens[: position + 1]

@@ -87,15 +87,16 @@ class CPUInferenceServer:
             top_p=float(params.get("top_p", 1.0)),
         )
         s = samples[0]
-        stop = "completed" if s.finish_reason == "stop" else "length"
+        stop = {"stop": "completed", "abort": "aborted"}.get(s.finish_reason, "length")
         return TokenOutput(token_ids=s.token_ids, log_probs=s.logprobs, stop_reason=stop)
 
     async def weight_version(self) -> int:
         return self.policy.weight_version
 
     # Cache, abort and profiling calls of verl's CheckpointEngineManager and replica manager. A CPU
-    # model has no KV cache to free, and nothing needs aborting for a weight sync: loading takes the
-    # model lock, so a request in flight finishes on the old weights and the next one starts on the new.
+    # model has no KV cache to free. Aborting is as vLLM's: requests in flight come back cut short
+    # ("abort"), new ones wait until resume_generation (loading weights takes the model lock, so
+    # nothing ever samples from half-loaded weights either way).
     async def clear_kv_cache(self):
         pass
 
@@ -106,10 +107,10 @@ class CPUInferenceServer:
         pass
 
     async def abort_all_requests(self, reject_request: bool = False, **kwargs):
-        return {"aborted_count": 0, "request_ids": []}
+        return {"aborted_count": await self.policy.abort_all(), "request_ids": []}
 
     async def resume_generation(self):
-        pass
+        await self.policy.resume()
 
     async def start_profile(self, **kwargs):
         pass

@@ -51,6 +51,10 @@ class PolicyServer:
         self._in_flight = 0
         self._drained = asyncio.Event()
         self._drained.set()
+        # a pause for a weight sync: requests in flight are cut short, new ones wait for resume()
+        self._generating = asyncio.Event()
+        self._generating.set()
+        self._abort = threading.Event()  # read by the sampling thread between tokens
         self.weight_version = 0
         self.global_steps: int | None = None
 
@@ -67,6 +71,19 @@ class PolicyServer:
 
     async def wake_up(self) -> None:
         self._awake.set()
+
+    async def abort_all(self) -> int:
+        """Cut every request in flight short ("abort", with what it generated) and hold new ones
+        until :meth:`resume`, as vLLM's pause for a weight sync does; returns how many were cut."""
+        self._generating.clear()
+        aborted = self._in_flight
+        self._abort.set()
+        await self._drained.wait()
+        self._abort.clear()
+        return aborted
+
+    async def resume(self) -> None:
+        self._generating.set()
 
     async def load_weights(self, named_tensors: dict[str, torch.Tensor], global_steps: int | None = None) -> dict:
         def load():
@@ -88,12 +105,13 @@ class PolicyServer:
     # -- work ----------------------------------------------------------------------------
 
     async def generate(self, prompt_ids: list[int], **params: Any) -> list[Sample]:
+        await self._generating.wait()
         await self._awake.wait()
         self._in_flight += 1
         self._drained.clear()
         try:
             return await asyncio.to_thread(
-                self._locked, sample, prompt_ids, stop_token_ids=self.stop_token_ids, **params
+                self._locked, sample, prompt_ids, stop_token_ids=self.stop_token_ids, abort=self._abort, **params
             )
         finally:
             self._in_flight -= 1
@@ -327,6 +345,16 @@ def build_app(server: PolicyServer) -> FastAPI:
                             "logprobs": logprobs, "finish_reason": s.finish_reason})
         completion_tokens = sum(len(s.token_ids) for s in samples)
         return _openai_reply(server, "chat.completion", "chatcmpl", choices, len(prompt_ids), completion_tokens)
+
+    # vLLM's own names for these (its server's development routes): a pause for a weight sync
+    @app.post("/pause")
+    async def pause():
+        return {"aborted_count": await server.abort_all()}
+
+    @app.post("/resume")
+    async def resume():
+        await server.resume()
+        return {}
 
     @app.post("/inference/v1/generate")
     async def generate(request: GenerateRequest):

@@ -14,10 +14,10 @@ sequences generated and not yet consumed by the trainer fill a window of
 A request for ``n`` choices is admitted while ``outstanding < window``, so the window
 may be overshot by at most one request (``n - 1`` sequences): held to the letter, a
 window that is not a multiple of the group size would leave the API one group short
-of a batch, with nothing allowed to fill it. The
-trainer sizes the window (one batch when the replicas sleep while the actor trains;
-one more per step of staleness allowed when they keep generating) and reports what
-has arrived at the API and what it has not consumed yet (:meth:`observe`).
+of a batch, with nothing allowed to fill it. The trainer sizes the window (one batch when the
+replicas sleep while the actor trains; one more per step of staleness allowed when
+they keep generating) and reports what has arrived at the API and what it has not
+consumed yet (:meth:`observe`).
 
 A full window can also hold the very request a batch needs: the API forms a batch only
 with each environment's ``min_batch_allocation``, so if one environment filled the window,

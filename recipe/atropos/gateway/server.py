@@ -55,6 +55,7 @@ from fastapi.responses import JSONResponse
 
 from .admission import GenerationWindow
 from .context_fit import fit_to_context, token_prompt_length, tokenize_request
+from .partial_rollout import ABORTED, finish_tokens_in_choice, resend_until_finished
 from .policy_versions import PolicyVersionLedger
 from .request_stats import CountRequests, RequestStats
 from .requests import GatewayLimits, request_models, unknown_model_response, validation_error_handler
@@ -144,6 +145,7 @@ class Gateway:
         # the step the replicas' weights were synced after; 0 until the trainer names one
         self.policy_version = 0
         self._in_flight = {replica: 0 for replica in self.replicas}
+        self.continued = 0  # tokens-in choices continued after a weight sync cut them short
         self._open = asyncio.Event()
         self._open.set()
         self._drained = asyncio.Event()
@@ -155,12 +157,17 @@ class Gateway:
 
     # -- pause / resume, from the trainer ---------------------------------------------
 
-    async def pause(self) -> Drain:
-        """Hold new requests and wait until the ones in flight have finished: what that cost."""
+    async def pause(self, drain: bool = True) -> Drain:
+        """Hold new requests and wait until the ones in flight have finished: what that cost.
+
+        ``drain=False`` only holds new requests: the caller aborts those in flight, and the
+        gateway continues them once it opens again (:mod:`.partial_rollout`).
+        """
         self._open.clear()
         in_flight = sum(self._in_flight.values())
         started = time.monotonic()
-        await self._drained.wait()
+        if drain:
+            await self._drained.wait()
         return Drain(requests=in_flight, seconds=time.monotonic() - started)
 
     async def resume(self, policy_version: int | None = None) -> None:
@@ -298,7 +305,8 @@ def build_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/stats")
     async def stats():
-        return {**gateway.stats.snapshot(), "generation_window": dataclasses.asdict(gateway.window.stats())}
+        return {**gateway.stats.snapshot(), "generation_window": dataclasses.asdict(gateway.window.stats()),
+                "continued_after_abort": gateway.continued}
 
     @app.get("/health")
     async def health():
@@ -323,6 +331,14 @@ def build_app(gateway: Gateway) -> FastAPI:
                 extra = await gateway.forward_single_choices("/inference/v1/generate", single, missing)
                 reply["choices"] = list(reply["choices"]) + [choice for r, _ in extra for choice in r["choices"]]
                 versions += [v for r, v in extra for _ in r["choices"]]
+            # choices a weight sync cut short are continued under the new weights; each keeps the
+            # version it started under, the oldest of its tokens
+            for index, choice in enumerate(reply["choices"]):
+                if choice.get("finish_reason") == ABORTED:
+                    gateway.continued += 1
+                    reply["choices"][index] = await finish_tokens_in_choice(
+                        gateway.forward_versioned, vllm_request, choice
+                    )
         try:
             translated = vllm_to_atropos_generate(reply)
         except (KeyError, TypeError, ValueError) as exc:
@@ -338,7 +354,7 @@ def build_app(gateway: Gateway) -> FastAPI:
             return unknown_model_response(request.model)
         body = request.model_dump(exclude_unset=True)
         async with gateway.admitted(choices_asked(body)):
-            return await gateway.forward("/v1/completions", body)
+            return (await resend_until_finished(gateway.forward_versioned, "/v1/completions", body))[0]
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: models.chat):
@@ -346,7 +362,7 @@ def build_app(gateway: Gateway) -> FastAPI:
             return unknown_model_response(request.model)
         body = request.model_dump(exclude_unset=True)
         async with gateway.admitted(choices_asked(body)):
-            return await gateway.forward("/v1/chat/completions", body)
+            return (await resend_until_finished(gateway.forward_versioned, "/v1/chat/completions", body))[0]
 
     return app
 
@@ -403,8 +419,8 @@ class GatewayServer:
         while not self._server.started:
             await asyncio.sleep(0.01)
 
-    def pause(self) -> Drain:
-        return asyncio.run_coroutine_threadsafe(self.gateway.pause(), self._loop).result()
+    def pause(self, drain: bool = True) -> Drain:
+        return asyncio.run_coroutine_threadsafe(self.gateway.pause(drain), self._loop).result()
 
     def size_window(self, window: int | None) -> None:
         """At most ``window`` sequences generated and not yet consumed (None: no bound)."""

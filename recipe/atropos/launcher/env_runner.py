@@ -90,10 +90,33 @@ class ErrorCounter(logging.Handler):
             message = record.getMessage()
         except Exception:  # a record whose arguments do not format is still counted
             message = str(record.msg)
+        cause = root_cause(record)
+        if cause:
+            message = f"{message} (cause: {cause})"
         if record.levelno >= logging.ERROR:
             self.status.add("errors_logged", last_error=message[:500])
         else:
             self.status.add("warnings_logged", last_warning=message[:500])
+
+
+def root_cause(record: logging.LogRecord) -> str | None:
+    """What an exception logged as a mere argument hides: atroposlib logs a failed send as
+    ``RetryError[<Future ... raised TypeError>]``, the TypeError's message (say, ``Object of type
+    BatchEncoding is not JSON serializable``) inside tenacity's last attempt."""
+    for arg in record.args if isinstance(record.args, tuple) else ():
+        if not isinstance(arg, BaseException):
+            continue
+        error = arg
+        for _ in range(10):  # tenacity's last attempt, then explicit causes (``raise ... from``)
+            attempt = getattr(error, "last_attempt", None)
+            inner = attempt.exception() if attempt is not None and hasattr(attempt, "exception") else None
+            inner = inner or error.__cause__
+            if not isinstance(inner, BaseException):
+                break
+            error = inner
+        if error is not arg:
+            return f"{type(error).__name__}: {error}"
+    return None
 
 
 def as_server_list(servers, where: str):

@@ -75,6 +75,7 @@ class GenerationPacer:
         self._done_before = 0
         self._starved = starved
         self.poll_s = poll_s
+        self._http_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="atropos-pacer", daemon=True)
 
@@ -122,7 +123,8 @@ class GenerationPacer:
         return True
 
     def _read(self) -> dict | None:
-        response = self._http.get("/stats")
+        with self._http_lock:  # the pacer's thread and the trainer's (read_stats) share the client
+            response = self._http.get("/stats")
         if response.status_code == 404:
             return None
         response.raise_for_status()

@@ -339,7 +339,10 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             if not self.disaggregated:
                 with marked_timer("pause_rollout", timing_raw):
                     # environments wait at the gateway while the replicas sleep, train and take new weights
-                    self._record_drain(self.gateway.pause(), metrics)
+                    self._record_drain(self.gateway.pause(drain=not self.atropos.partial_rollout), metrics)
+                    if self.atropos.partial_rollout:
+                        # cut short what is in flight; the gateway continues it after the sync
+                        self.checkpoint_manager.abort_replicas()
                     self.checkpoint_manager.sleep_replicas()
             batch = self._old_log_probs(batch, metrics, timing_raw)
             if self.use_reference_policy:
@@ -419,16 +422,22 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         """The actor's weights to every replica, then the gateway open at the new policy version.
 
         Standalone replicas are still generating: the gateway drains them first, so
-        that each sequence comes from one policy version.
+        that each sequence comes from one policy version; or, with
+        ``trainer.atropos.partial_rollout``, they are aborted and continued after the sync.
         """
         timing_raw = {} if timing_raw is None else timing_raw
         if self.disaggregated:
             with marked_timer("pause_rollout", timing_raw):
-                drain = self.gateway.pause()
+                # with partial_rollout, verl's update_weights aborts what is in flight (and resumes
+                # the replicas after), and the gateway continues it: nothing to wait for here
+                drain = self.gateway.pause(drain=not self.atropos.partial_rollout)
             if metrics is not None:
                 self._record_drain(drain, metrics)
         with marked_timer("update_weights", timing_raw):
             self.checkpoint_manager.update_weights(self.global_steps)
+            if self.atropos.partial_rollout and not self.disaggregated:
+                # the colocated weight update leaves the engines as the abort left them: paused
+                self.checkpoint_manager.resume_generation_replicas()
         self.policy_version = self.global_steps
         self.gateway.resume(self.policy_version)
 
