@@ -3,6 +3,7 @@ real uvicorn apps."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -29,6 +30,13 @@ class TrajectoryAPI:
         response.raise_for_status()
         return response.json()
 
+    def register_trainer(self, batch_size: int, max_token_len: int = 64, num_steps: int = 1000) -> None:
+        """Register as a trainer would, then poll ``/batch`` once: environments may register from then on."""
+        self.post("/register", {"wandb_group": "g", "wandb_project": "p", "batch_size": batch_size,
+                                "max_token_len": max_token_len, "checkpoint_dir": "", "save_checkpoint_interval": -1,
+                                "starting_step": 0, "num_steps": num_steps})
+        assert self.get("/batch")["batch"] is None
+
     def register_env(self, name: str, group_size: int, max_token_length: int = 4096) -> int:
         body = {"max_token_length": max_token_length, "desired_name": name, "weight": 1.0, "group_size": group_size}
         answer = self.post("/register-env", body)
@@ -47,21 +55,35 @@ API_SERVERS = {
 }
 
 
-@pytest.fixture(params=list(API_SERVERS))
-def trajectory_api(request, tmp_path):
-    """A fresh API process per test (an empty queue), each of API_SERVERS in turn, stopped with its session."""
+@contextlib.contextmanager
+def started_api(server: str, workdir):
+    """One of API_SERVERS in a process of its own on a free port, stopped with its session on exit."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     service = start_service(
-        request.param,
-        API_SERVERS[request.param](port, tmp_path / "api.sqlite3"),
-        tmp_path,
+        server,
+        API_SERVERS[server](port, workdir / "api.sqlite3"),
+        workdir,
         ready=lambda: httpx.get(f"{url}/", timeout=1).status_code == 200,
     )
     try:
         yield TrajectoryAPI(url=url, service=service)
     finally:
         service.stop(10)
+
+
+@pytest.fixture
+def project_api(tmp_path):
+    """A fresh ``recipe.atropos.api`` process (its ``/stats`` counts what arrived and was served)."""
+    with started_api("recipe.atropos.api", tmp_path) as api:
+        yield api
+
+
+@pytest.fixture(params=list(API_SERVERS))
+def trajectory_api(request, tmp_path):
+    """A fresh API process per test (an empty queue), each of API_SERVERS in turn, stopped with its session."""
+    with started_api(request.param, tmp_path) as api:
+        yield api
 
 
 class ServedApp:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import sys
 import threading
 import time
 
@@ -22,7 +21,6 @@ from recipe.atropos.gateway.admission import GenerationWindow
 from recipe.atropos.gateway.server import GatewayServer
 from recipe.atropos.trainer.pacing import GenerationPacer, window_sequences
 from tests.conftest import ServedApp, TrajectoryAPI
-from tests.processes import free_port, start_service
 from tests.test_gateway import recorded_vllm_app
 
 
@@ -176,21 +174,9 @@ BATCH = 8  # sequences per batch: two groups
 
 
 @pytest.fixture
-def own_api(tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "recipe.atropos.api", "--host", "127.0.0.1", "--port", str(port),
-               "--db", str(tmp_path / "api.sqlite3")]
-    service = start_service("api", command, tmp_path, ready=lambda: httpx.get(f"{url}/", timeout=1).status_code == 200)
-    api = TrajectoryAPI(url=url, service=service)
-    api.post("/register", {"wandb_group": "g", "wandb_project": "p", "batch_size": BATCH, "max_token_len": 64,
-                           "checkpoint_dir": "", "save_checkpoint_interval": -1, "starting_step": 0,
-                           "num_steps": 1000})
-    assert api.get("/batch")["batch"] is None  # the trainer's first poll: environments may register now
-    try:
-        yield api
-    finally:
-        service.stop(10)
+def own_api(project_api):
+    project_api.register_trainer(batch_size=BATCH)
+    return project_api
 
 
 class Rig:

@@ -9,30 +9,17 @@ import json
 import sys
 import time
 
-import httpx
 import pytest
 
 from recipe.atropos.launcher.launch import ENV_RUNNER
 from tests.conftest import TrajectoryAPI
-from tests.processes import free_port, start_service
+from tests.processes import start_service
 
 
 @pytest.fixture
-def api(tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "recipe.atropos.api", "--host", "127.0.0.1", "--port", str(port),
-               "--db", str(tmp_path / "api.sqlite3")]
-    service = start_service("api", command, tmp_path, ready=lambda: httpx.get(f"{url}/", timeout=1).status_code == 200)
-    api = TrajectoryAPI(url=url, service=service)
-    api.post("/register", {"wandb_group": "g", "wandb_project": "p", "batch_size": 4, "max_token_len": 256,
-                           "checkpoint_dir": "", "save_checkpoint_interval": -1, "starting_step": 0,
-                           "num_steps": 10})
-    assert api.get("/batch")["batch"] is None  # the trainer's first poll: environments may register now
-    try:
-        yield api
-    finally:
-        service.stop(10)
+def api(project_api):
+    project_api.register_trainer(batch_size=4, max_token_len=256, num_steps=10)
+    return project_api
 
 
 def run_until_errors(tmp_path, api: TrajectoryAPI, module: str, tokenizer: str, errors: int = 2) -> dict:
