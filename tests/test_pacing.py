@@ -212,6 +212,9 @@ class Rig:
     def _env(self, env_id: int) -> None:
         with httpx.Client(timeout=120) as client:
             while not self.stop.is_set():
+                # as atroposlib's loop does before each group: the API hears from the environment (one
+                # it has not heard from for env_silence_s no longer holds batches to its minimum)
+                client.request("GET", f"{self.api.url}/status-env", json={"env_id": env_id}).raise_for_status()
                 tag = next(self._tags)
                 prompt = [1, 100 + tag % 50, 7]
                 reply = client.post(f"{self.gateway.url}/generate",
