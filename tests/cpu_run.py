@@ -107,6 +107,14 @@ class CPURun:
     def wait_trainer(self, timeout: float = 300) -> int:
         return self.services["trainer"].process.wait(timeout=timeout)
 
+    def train_through(self, env_module: str, data_path: str, *overrides: str) -> dict[int, dict[str, float]]:
+        """Start the trainer, then ``env_module`` on its gateway; wait for a clean end; every step's metrics."""
+        self.start_trainer(*overrides)
+        self.wait_gateway()
+        self.start_env(env_module, data_path)
+        assert self.wait_trainer() == 0, self.log("trainer")[-4000:]
+        return self.steps()
+
     def steps(self) -> dict[int, dict[str, float]]:
         """Every training step's metrics, from the trainer's metrics file."""
         return read_step_metrics(self.metrics_file)

@@ -51,12 +51,8 @@ def cpu_run(request, tmp_path, assets):
 # The trainer against both trajectory APIs: the project's and Atropos's run-api.
 @pytest.mark.parametrize("cpu_run", ["recipe.atropos.api", "run-api"], indirect=True)
 def test_three_steps_through_a_real_environment(cpu_run, assets):
-    cpu_run.start_trainer("trainer.total_training_steps=3", "trainer.atropos.check_weight_sync=true")
-    cpu_run.wait_gateway()
-    cpu_run.start_env("recipe.atropos.envs.gsm8k_answer_credit", assets["train"])
-    assert cpu_run.wait_trainer() == 0, cpu_run.log("trainer")[-4000:]
-
-    steps = cpu_run.steps()
+    steps = cpu_run.train_through("recipe.atropos.envs.gsm8k_answer_credit", assets["train"],
+                                  "trainer.total_training_steps=3", "trainer.atropos.check_weight_sync=true")
     assert sorted(steps) == [1, 2, 3]
     for step, metrics in steps.items():
         for name in DESIGN_METRICS:
@@ -243,17 +239,13 @@ STANDALONE_LAYOUT = [
 # partial_rollout: verl's weight update aborts what is in flight and the gateway continues it
 @pytest.mark.parametrize("partial_rollout", [False, True], ids=["drain", "partial rollout"])
 def test_disaggregated_layout_trains_while_the_standalone_replica_generates(cpu_run, assets, partial_rollout):
-    cpu_run.start_trainer(
+    steps = cpu_run.train_through(
+        "recipe.atropos.envs.gsm8k_answer_credit", assets["train"],
         "trainer.total_training_steps=3", "trainer.atropos.check_weight_sync=true", *STANDALONE_LAYOUT,
         f"trainer.atropos.partial_rollout={str(partial_rollout).lower()}",
     )
-    cpu_run.wait_gateway()
-    cpu_run.start_env("recipe.atropos.envs.gsm8k_answer_credit", assets["train"])
-    assert cpu_run.wait_trainer() == 0, cpu_run.log("trainer")[-4000:]
-
     log = cpu_run.log("trainer")
     assert "rollout_standalone" in log or "init_standalone" in log or "standalone" in log.lower()
-    steps = cpu_run.steps()
     assert sorted(steps) == [1, 2, 3]
     for step, metrics in steps.items():
         assert metrics["atropos/policy_version_known_fraction"] == 1.0
@@ -269,11 +261,8 @@ def test_disaggregated_layout_trains_while_the_standalone_replica_generates(cpu_
 def test_colocated_partial_rollout_aborts_before_sleep_and_resumes_after_the_sync(cpu_run, assets):
     # the replicas are aborted (verl's abort_replicas) before they sleep, and must take requests
     # again after the weight update (resume_generation_replicas): a third step proves they did
-    cpu_run.start_trainer("trainer.total_training_steps=3", "trainer.atropos.partial_rollout=true")
-    cpu_run.wait_gateway()
-    cpu_run.start_env("recipe.atropos.envs.gsm8k", assets["train"])
-    assert cpu_run.wait_trainer() == 0, cpu_run.log("trainer")[-4000:]
-    steps = cpu_run.steps()
+    steps = cpu_run.train_through("recipe.atropos.envs.gsm8k", assets["train"],
+                                  "trainer.total_training_steps=3", "trainer.atropos.partial_rollout=true")
     assert sorted(steps) == [1, 2, 3]
     for metrics in steps.values():
         assert metrics["atropos/sync_drain_s"] < 1.0  # nothing waited for: what was in flight was aborted

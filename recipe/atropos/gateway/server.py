@@ -193,9 +193,6 @@ class Gateway:
         finally:
             await self.window.release(choices, returned=choices if answered else 0)
 
-    async def forward(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return (await self.forward_versioned(path, body))[0]
-
     async def forward_versioned(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
         """The replica's reply and the policy version that produced it.
 

@@ -24,13 +24,10 @@ Atropos's own ``run-api`` has no ``/stats``: the window is then left open (logge
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 
 import httpx
-
-logger = logging.getLogger(__name__)
 
 
 def window_sequences(configured_batches: int | None, batch_size: int, disaggregated: bool,
@@ -79,15 +76,6 @@ class GenerationPacer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="atropos-pacer", daemon=True)
 
-    def supported(self) -> bool:
-        """Whether the API counts what arrives (the project's API does, ``run-api`` does not)."""
-        try:
-            body = self._read()
-        except (httpx.HTTPError, ValueError) as exc:
-            logger.warning("the trajectory API's /stats could not be read (%s): generation is not paced", exc)
-            return False
-        return body is not None
-
     def start(self) -> None:
         self._thread.start()
 
@@ -105,11 +93,9 @@ class GenerationPacer:
             return None
 
     def poll_once(self) -> bool:
-        """One reading handed to the gateway; False when the API could not be read."""
-        try:
-            body = self._read()
-        except (httpx.HTTPError, ValueError):
-            return False
+        """One reading handed to the gateway; False when the API could not be read or counts no
+        arrivals (the project's API counts them, ``run-api`` does not)."""
+        body = self.read_stats()
         if body is None:
             return False
         done = self._done()

@@ -391,14 +391,15 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         pacer = GenerationPacer(self.atropos.api_url, self.gateway.observe_downstream,
                                 done=lambda: prefetcher.done_sequences,
                                 starved=lambda: prefetcher.trainer_waiting)
-        # the pacer also reads the API's counts for the accounting, window or not
-        self._pacer = pacer if pacer.supported() else None
-        if self._pacer is None:
-            logger.warning("the trajectory API has no /stats with arrival counts (run-api): generation is not paced")
+        # the first reading is the baseline (what arrived before this trainer started is not in the
+        # window); the pacer also reads the API's counts for the accounting, window or not
+        if not pacer.poll_once():
+            logger.warning("the trajectory API's /stats could not be read or has no arrival counts (run-api): "
+                           "generation is not paced")
             pacer.stop()
             self.gateway.size_window(None)
             return
-        pacer.poll_once()  # the baseline: what arrived before this trainer started is not in the window
+        self._pacer = pacer
         window = self._generation_window()
         if window is not None:
             logger.info("generation window: %d sequences (%d registered batches)",
