@@ -33,7 +33,7 @@ ours() {  # NAME CONFIG GPUS API_PORT GATEWAY_PORT [OVERRIDE ...]: metrics in $O
 
 verl_grpo() {  # NAME GPUS N_GPUS VALIDATE(True|False): metrics in $OUT/NAME.jsonl
   local name=$1 gpus=$2 n_gpus=$3 validate=$4 test_freq=-1
-  [ "$validate" = True ] && test_freq=$STEPS
+  [ "$validate" = True ] && test_freq=${VAL_EVERY:-$STEPS}
   ( export CUDA_VISIBLE_DEVICES=$gpus VERL_FILE_LOGGER_PATH="$OUT/$name.jsonl"
     timeout -s INT -k 120 "$LIMIT" $PY -m verl.trainer.main_ppo \
       algorithm.adv_estimator=grpo algorithm.use_kl_in_reward=False \

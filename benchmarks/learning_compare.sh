@@ -4,9 +4,14 @@
 #   (2) by verl's own GRPO (verl.trainer.main_ppo, legacy trainer) with the same model, data, batch,
 #       n, lengths, learning rate and vLLM settings, validating before and after,
 #   (3) by the launcher with the token-level credit environment (atropos_grpo_qwen05b_credit_gpu.yaml).
-# With two GPUs: (1) and (3) on GPU 0, (2) on GPU 1, all started together ((3) a little later so
-# the two vLLM engines on GPU 0 do not profile memory at the same moment). With one GPU: one
-# after the other. Every run writes its metrics as JSONL (verl's file tracker) to OUT_DIR/NAME.jsonl;
+# All three start together, a little apart so that no two vLLM engines on one GPU profile memory at
+# the same moment: with two GPUs (1) and (3) on GPU 0 and (2) on GPU 1; with one GPU all three on
+# it, each engine's gpu_memory_utilization lowered to SHARED_GPU_MEMORY (0.15) and micro-batches to 8
+# (memory only: the same samples and optimizer steps). Sharing a GPU makes
+# every step slower, not different: these runs compare scores per step, not step times
+# (benchmarks/gpu_compare.sh measures those, one run per GPU). Held-out accuracy: verl's run
+# validates before training, every run every VAL_EVERY steps (default: at the last step).
+# Every run writes its metrics as JSONL (verl's file tracker) to OUT_DIR/NAME.jsonl;
 # plot the score per step of all of them with
 #   python scripts/plot_metrics.py --learning ours=OUT_DIR/ours_gsm8k.jsonl verl=OUT_DIR/verl_grpo.jsonl \
 #       credit=OUT_DIR/ours_credit.jsonl --png score.png
@@ -24,20 +29,27 @@ OUT=$(cd "$OUT" && pwd)
 read_sizes atropos_grpo_qwen05b_gpu
 echo "batch $BATCH x n $N, $PLEN/$RLEN tokens, lr $LR, mini-batch $MINI, $STEPS steps, $GPUS GPU(s)"
 
+VAL_EVERY=${VAL_EVERY:-$STEPS}
 SMI=$(memlog "$OUT/gpumem.csv")
 date +%s > "$OUT/t0.txt"
+DELAY=${START_GAP_S:-100}  # seconds between the first and the last start
 if [ "$GPUS" -ge 2 ]; then
-  ours ours_gsm8k atropos_grpo_qwen05b_gpu 0 9001 8000 trainer.test_freq="$STEPS" &
-  verl_grpo verl_grpo 1 1 True &
-  if [ "${WITH_CREDIT:-1}" = 1 ]; then
-    sleep "${CREDIT_DELAY_S:-100}"
-    ours ours_credit atropos_grpo_qwen05b_credit_gpu 0 9011 8010 trainer.test_freq="$STEPS" &
-  fi
-  wait
+  VERL_GPU=1
 else
-  ours ours_gsm8k atropos_grpo_qwen05b_gpu 0 9001 8000 trainer.test_freq="$STEPS"
-  verl_grpo verl_grpo 0 1 True
-  [ "${WITH_CREDIT:-1}" = 1 ] && ours ours_credit atropos_grpo_qwen05b_credit_gpu 0 9011 8010 trainer.test_freq="$STEPS"
+  # three trainers on one card: smaller vLLM pools, and micro-batches of 8, whose logits
+  # (8 x 832 tokens x 151,936 vocabulary in fp32, 4 GiB) leave room for the other two
+  VERL_GPU=0 MEM=${SHARED_GPU_MEMORY:-0.15} MICRO=8 LPMICRO=8
+  echo "one GPU: the three runs share it, gpu_memory_utilization $MEM and micro-batches of 8 each"
 fi
+SIZES=(actor_rollout_ref.rollout.gpu_memory_utilization="$MEM" actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu="$MICRO"
+  actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu="$LPMICRO" actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu="$LPMICRO")
+ours ours_gsm8k atropos_grpo_qwen05b_gpu 0 9001 8000 trainer.test_freq="$VAL_EVERY" "${SIZES[@]}" &
+[ "$VERL_GPU" = 0 ] && sleep $(( DELAY / 2 ))
+verl_grpo verl_grpo "$VERL_GPU" 1 True &
+if [ "${WITH_CREDIT:-1}" = 1 ]; then
+  sleep $(( VERL_GPU == 0 ? DELAY / 2 : DELAY ))
+  ours ours_credit atropos_grpo_qwen05b_credit_gpu 0 9011 8010 trainer.test_freq="$VAL_EVERY" "${SIZES[@]}" &
+fi
+wait
 kill "$SMI" 2>/dev/null
 cat "$OUT/rc.txt"

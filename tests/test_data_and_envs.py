@@ -10,7 +10,7 @@ import pytest
 from recipe.atropos.data import prepare_gsm8k
 from recipe.atropos.data.gsm8k_synthetic import make_problems
 from recipe.atropos.envs.gsm8k import extract_answer, score_solution
-from recipe.atropos.envs.gsm8k_answer_credit import answer_start, token_advantages
+from recipe.atropos.envs.gsm8k_answer_credit import answer_start, group_advantages, token_advantages
 
 
 def test_synthetic_problems_are_deterministic_and_correct():
@@ -91,10 +91,21 @@ def test_answer_credit_rule():
     pieces = ["Th", "en", " 4", "\n##", "## ", "7"]
     assert answer_start(pieces) == 3
     masks = [-100, -100] + [1] * len(pieces)
-    adv = token_advantages(masks, pieces, score=1.0, group_mean=0.25, has_answer=True,
-                           reasoning_weight=0.5, format_credit=0.1)
+    adv = token_advantages(masks, pieces, advantage=2.0, reasoning_weight=0.5)
     assert adv[:2] == [0.0, 0.0]
-    assert adv[2:5] == pytest.approx([0.475] * 3)  # 0.5 * 0.75 + 0.1
-    assert adv[5:] == pytest.approx([0.85] * 3)  # 0.75 + 0.1
-    no_answer = token_advantages([-100, 1, 1], ["a", "b"], 0.0, 0.0, False, 0.5, 0.1)
-    assert no_answer == pytest.approx([0.0, -0.1, -0.1])
+    assert adv[2:5] == [1.0] * 3  # reasoning: half the solution's advantage
+    assert adv[5:] == [2.0] * 3  # from the last ####: all of it
+    assert token_advantages([-100, 1, 1], ["a", "b"], -1.0, 0.5) == [0.0, -0.5, -0.5]  # no answer line
+
+
+def test_answer_credit_is_relative_to_the_group():
+    # one right answer among four: GRPO's advantages (std with n - 1), the format credit on top
+    right = group_advantages([1.0, 0.0, 0.0, 0.0], [True, True, True, True], format_credit=0.1)
+    assert right == pytest.approx([1.5, -0.5, -0.5, -0.5], abs=1e-5)
+    # nobody right: the one solution that ends in "#### N" is credited over the others
+    fmt = group_advantages([0.0, 0.0, 0.0, 0.0], [True, False, False, False], format_credit=0.1)
+    assert fmt[0] > 0 > fmt[1] and fmt[1] == fmt[2] == fmt[3] and sum(fmt) == pytest.approx(0.0, abs=1e-6)
+    # every solution formatted (or none) and all scored alike: nothing to learn, whatever was sampled
+    assert group_advantages([0.0] * 4, [True] * 4, 0.1) == [0.0] * 4
+    assert group_advantages([0.0] * 4, [False] * 4, 0.1) == [0.0] * 4
+    assert group_advantages([1.0], [True], 0.1) == [0.0]

@@ -1,21 +1,28 @@
 """GSM8K with token-level credit: the environment sends its own advantages.
 
-The rule, per solution i of a group (s_i its score, m the group's mean score):
+The rule, per solution i of a group (s_i its score, f_i 1 if it ends in a ``#### <number>``
+line, else 0):
 
-* answer tokens (from the last ``####`` to the end) get ``s_i - m``;
-* reasoning tokens (the solution before it) get ``reasoning_weight * (s_i - m)``;
-* every solution token also gets ``+format_credit`` when the solution ends in a
-  ``#### <number>`` line and ``-format_credit`` when it does not.
+* its reward is ``r_i = s_i + format_credit * f_i``, and its advantage ``A_i`` is that reward
+  normalised within the group, as GRPO does: ``(r_i - mean r) / (std r + 1e-6)``;
+* answer tokens (from the last ``####`` to the end) get ``A_i``, reasoning tokens (the solution
+  before it) ``reasoning_weight * A_i``.
 
-So a group whose solutions all score the same still teaches the answer format,
-and the answer line carries more of the outcome than the reasoning. Prompt
-positions get 0 (they are not trained). The trainer uses these advantages in
-place of GRPO's for every sequence of the group.
+So a group in which no solution is right still teaches the answer format (the solutions that end
+in ``#### N`` are credited over those that do not), and the answer line carries more of the
+outcome than the reasoning. The format credit is relative to the group: a group whose solutions
+all end in ``#### N`` (or none does) gets no format credit. An absolute credit (every formatted
+solution +format_credit whatever the others did) rewards whatever was sampled: on a GPU run it
+collapsed the policy's entropy and shortened answers to a bare ``#### N``. Prompt positions get
+0 (they are not trained). The trainer uses these advantages in place of GRPO's for every
+sequence of the group.
 
     python -m recipe.atropos.envs.gsm8k_answer_credit serve --env.data_path ... --openai.base_url ...
 """
 
 from __future__ import annotations
+
+import statistics
 
 from pydantic import Field
 
@@ -25,8 +32,8 @@ ANSWER_MARKER = "####"
 
 
 class AnswerCreditConfig(GSM8KEnvConfig):
-    reasoning_weight: float = Field(default=0.5, description="share of the outcome advantage on reasoning tokens")
-    format_credit: float = Field(default=0.1, description="advantage for ending (or not) in a '#### N' line")
+    reasoning_weight: float = Field(default=0.5, description="share of the solution's advantage on reasoning tokens")
+    format_credit: float = Field(default=0.1, description="reward for ending in a '#### N' line, beside the score")
 
 
 def answer_start(token_texts: list[str]) -> int:
@@ -43,19 +50,24 @@ def answer_start(token_texts: list[str]) -> int:
     return len(token_texts)
 
 
+def group_advantages(scores: list[float], formatted: list[bool], format_credit: float) -> list[float]:
+    """Each solution's advantage: score plus format credit, normalised within the group as GRPO does."""
+    rewards = [score + (format_credit if has_answer else 0.0) for score, has_answer in zip(scores, formatted)]
+    mean = sum(rewards) / len(rewards)
+    # verl's GRPO: torch.std (n - 1), so a group of one has no spread and no advantage
+    spread = statistics.stdev(rewards) if len(rewards) > 1 else 0.0
+    return [(reward - mean) / (spread + 1e-6) for reward in rewards]
+
+
 def token_advantages(
-    masks: list[int], token_texts: list[str], score: float, group_mean: float, has_answer: bool,
-    reasoning_weight: float, format_credit: float,
+    masks: list[int], token_texts: list[str], advantage: float, reasoning_weight: float
 ) -> list[float]:
     """One advantage per position of the full sequence (0 on prompt positions)."""
     trained = [i for i, m in enumerate(masks) if m != -100]
     start = answer_start(token_texts)
-    outcome = score - group_mean
-    shaping = format_credit if has_answer else -format_credit
     advantages = [0.0] * len(masks)
     for k, position in enumerate(trained):
-        weight = 1.0 if k >= start else reasoning_weight
-        advantages[position] = weight * outcome + shaping
+        advantages[position] = advantage if k >= start else reasoning_weight * advantage
     return advantages
 
 
@@ -74,19 +86,17 @@ class GSM8KAnswerCreditEnv(GSM8KEnv):
         messages, ground_truth = item
         texts, nodes = await self.sample_group(messages)
         scores = [score_solution(text, ground_truth) for text in texts]
-        mean = sum(scores) / len(scores)
+        formatted = [extract_answer(text) is not None for text in texts]
+        advantages = group_advantages(scores, formatted, self.config.format_credit)
         group = {"tokens": [], "masks": [], "scores": scores, "inference_logprobs": [], "advantages": []}
-        for text, node, score in zip(texts, nodes, scores):
+        for node, advantage in zip(nodes, advantages):
             completion = [t for t, m in zip(node.tokens, node.masked_tokens) if m != -100]
             pieces = [self.tokenizer.decode([t]) for t in completion]
             group["tokens"].append(node.tokens)
             group["masks"].append(node.masked_tokens)
             group["inference_logprobs"].append(node.logprobs)
             group["advantages"].append(
-                token_advantages(
-                    node.masked_tokens, pieces, score, mean, extract_answer(text) is not None,
-                    self.config.reasoning_weight, self.config.format_credit,
-                )
+                token_advantages(node.masked_tokens, pieces, advantage, self.config.reasoning_weight)
             )
         return group, []
 
