@@ -7,7 +7,10 @@ For each run, over steps 3 on (the first two carry start-up): the median step ti
 those steps), the share of groups discarded as stale (``atropos/rejected/policy_lag_exceeded``
 against all groups that reached the trainer), and the share of the step spent waiting for
 the batch (ours: ``atropos/batch_wait_s``; verl's own GRPO has no wait, it generates:
-``timing_s/gen`` is given instead). Then the ratios ours / verl.
+``timing_s/gen`` is given instead). Colocated, ours generates while it waits, so its wait holds
+its generation; the part of it in which the replicas had nothing to generate
+(``atropos/batch_wait_idle_s``: environments scoring and posting, the API forming the batch) is
+given apart. Then the ratios ours / verl.
 
 verl's own run does not log how many sequences a step trained: it is its
 ``data.train_batch_size`` x ``rollout.n``, given as ``--verl-sequences-per-step``.
@@ -35,6 +38,7 @@ class RunFigures:
     sequences_per_s: float
     stale_share: float | None  # None: the run has no staleness bound (verl's own)
     wait_share: float | None  # batch wait / step time; None for verl's own
+    idle_wait_share: float | None  # batch wait with the replicas idle / step time; None: not logged
     gen_share: float | None  # verl's timing_s/gen / step time; None for ours
 
 
@@ -51,12 +55,14 @@ def run_figures(path: str | Path, sequences_per_step: int | None = None) -> RunF
         trained = sequences_per_step * len(steps)
     else:
         raise SystemExit(f"{path}: no atropos/sequences; give the run's sequences per step")
-    stale = wait = gen = None
+    stale = wait = idle_wait = gen = None
     if ours:
         rejected_stale = sum(m.get("atropos/rejected/policy_lag_exceeded", 0.0) for m in steps.values())
         reached = sum(m.get("atropos/groups", 0.0) + m.get("atropos/groups_rejected", 0.0) for m in steps.values())
         stale = rejected_stale / reached if reached else 0.0
         wait = sum(m.get("atropos/batch_wait_s", 0.0) for m in steps.values()) / sum(step_s)
+        if all("atropos/batch_wait_idle_s" in m for m in steps.values()):
+            idle_wait = sum(m["atropos/batch_wait_idle_s"] for m in steps.values()) / sum(step_s)
     else:
         gen = sum(m.get("timing_s/gen", 0.0) for m in steps.values()) / sum(step_s)
     return RunFigures(
@@ -65,6 +71,7 @@ def run_figures(path: str | Path, sequences_per_step: int | None = None) -> RunF
         sequences_per_s=trained / sum(step_s),
         stale_share=stale,
         wait_share=wait,
+        idle_wait_share=idle_wait,
         gen_share=gen,
     )
 
@@ -76,6 +83,8 @@ def describe(label: str, figures: RunFigures) -> str:
         parts.append(f"stale-discarded {100 * figures.stale_share:.1f} % of groups")
     if figures.wait_share is not None:
         parts.append(f"batch wait {100 * figures.wait_share:.1f} % of a step")
+    if figures.idle_wait_share is not None:
+        parts.append(f"batch wait with the replicas idle {100 * figures.idle_wait_share:.1f} % of a step")
     if figures.gen_share is not None:
         parts.append(f"generation {100 * figures.gen_share:.1f} % of a step")
     return ", ".join(parts)

@@ -24,23 +24,29 @@ def write_run(path: Path, steps: list[dict]) -> Path:
 
 def ours_step(step_s: float, sequences: float, wait_s: float, groups: float, stale: float) -> dict:
     return {"timing_s/step": step_s, "atropos/sequences": sequences, "atropos/batch_wait_s": wait_s,
-            "atropos/groups": groups, "atropos/groups_rejected": stale,
+            "atropos/batch_wait_idle_s": wait_s / 2, "atropos/groups": groups, "atropos/groups_rejected": stale,
             "atropos/rejected/policy_lag_exceeded": stale}
 
 
 def test_figures_count_steps_three_on(tmp_path):
     # steps 1-2 (start-up) are far off and must not count
-    ours = write_run(tmp_path / "ours.jsonl", [
+    figures_input = [
         ours_step(100, 8, 90, 2, 9), ours_step(50, 8, 40, 2, 9),
         ours_step(10, 8, 1, 2, 0), ours_step(12, 8, 3, 2, 2), ours_step(14, 4, 2, 1, 0),
-    ])
+    ]
+    ours = write_run(tmp_path / "ours.jsonl", figures_input)
     figures = compare_runs["run_figures"](ours)
     assert figures.steps == 3
     assert figures.median_step_s == 12
     assert figures.sequences_per_s == pytest.approx(20 / 36)
     assert figures.stale_share == pytest.approx(2 / 7)  # 2 stale of 5 trained + 2 rejected groups
     assert figures.wait_share == pytest.approx(6 / 36)
+    assert figures.idle_wait_share == pytest.approx(3 / 36)
     assert figures.gen_share is None
+    # runs that did not log the idle part of the wait show none, rather than 0
+    for step in (3, 4, 5):
+        del figures_input[step - 1]["atropos/batch_wait_idle_s"]
+    assert compare_runs["run_figures"](write_run(tmp_path / "old.jsonl", figures_input)).idle_wait_share is None
 
 
 def test_verl_runs_need_their_sequences_per_step_and_the_ratios_are_printed(tmp_path):

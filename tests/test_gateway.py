@@ -7,6 +7,7 @@ CPU), a replica that answers with replies recorded from vLLM 0.24.0 on an H100.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -187,36 +188,66 @@ def test_health_is_200_only_while_every_replica_answers(tiny_model_dir):
             gateway.stop()
 
 
-def test_pause_holds_new_requests_and_drains_those_in_flight():
-    app = recorded_vllm_app(delay_s=0.6)
+TWO_TOKENS = {"prompt": {"prompt_token_ids": [1, 2]}, "max_tokens": 2, "logprobs": 0}
+
+
+@contextlib.contextmanager
+def gateway_to_slow_replica(delay_s: float = 0.6):
+    """A gateway over one recorded-vLLM replica that takes ``delay_s`` to answer: (replica app, gateway)."""
+    app = recorded_vllm_app(delay_s=delay_s)
     with ServedApp(app) as replica:
         gateway = GatewayServer([replica.url], port=0)
         gateway.start()
-        body = {"prompt": {"prompt_token_ids": [1, 2]}, "max_tokens": 2, "logprobs": 0}
+        try:
+            yield app, gateway
+        finally:
+            gateway.stop()
+
+
+def test_pause_holds_new_requests_and_drains_those_in_flight():
+    with gateway_to_slow_replica() as (app, gateway):
         done = {}
 
         def call(name):
-            done[name] = httpx.post(f"{gateway.url}/generate", json=body, timeout=30).status_code
+            done[name] = httpx.post(f"{gateway.url}/generate", json=TWO_TOKENS, timeout=30).status_code
 
-        try:
-            in_flight = threading.Thread(target=call, args=("in_flight",))
-            in_flight.start()
-            time.sleep(0.2)
-            started = time.monotonic()
-            gateway.pause()  # returns once the replica has answered the request in flight
-            assert time.monotonic() - started >= 0.2
-            assert len(app.state.requests) == 1
-            in_flight.join(timeout=10)
-            assert done["in_flight"] == 200
-            held = threading.Thread(target=call, args=("held",))
-            held.start()
-            time.sleep(0.5)
-            assert "held" not in done and len(app.state.requests) == 1
-            gateway.resume()
-            held.join(timeout=10)
-            assert done["held"] == 200 and len(app.state.requests) == 2
-        finally:
-            gateway.stop()
+        in_flight = threading.Thread(target=call, args=("in_flight",))
+        in_flight.start()
+        time.sleep(0.2)
+        started = time.monotonic()
+        gateway.pause()  # returns once the replica has answered the request in flight
+        assert time.monotonic() - started >= 0.2
+        assert len(app.state.requests) == 1
+        in_flight.join(timeout=10)
+        assert done["in_flight"] == 200
+        held = threading.Thread(target=call, args=("held",))
+        held.start()
+        time.sleep(0.5)
+        assert "held" not in done and len(app.state.requests) == 1
+        gateway.resume()
+        held.join(timeout=10)
+        assert done["held"] == 200 and len(app.state.requests) == 2
+
+
+def test_idle_clock_runs_only_while_open_with_nothing_in_flight():
+    # what atropos/batch_wait_idle_s is read from: the replicas' idle time while the trainer waits
+    with gateway_to_slow_replica() as (_, gateway):
+        start = gateway.idle_seconds()
+        time.sleep(0.3)
+        called = time.monotonic()
+        before_call = gateway.idle_seconds()
+        assert before_call - start >= 0.3  # open, nothing in flight
+        assert httpx.post(f"{gateway.url}/generate", json=TWO_TOKENS, timeout=30).status_code == 200
+        after_call = gateway.idle_seconds()
+        # the 0.6 s (at least) the request was at the replica is not idle; its way in and out is
+        assert after_call - before_call <= time.monotonic() - called - 0.6, (before_call, after_call)
+        gateway.pause()
+        paused_at = gateway.idle_seconds()
+        time.sleep(0.3)
+        assert gateway.idle_seconds() == paused_at  # paused: the replicas sleep or sync
+        gateway.resume()
+        time.sleep(0.3)
+        assert gateway.idle_seconds() - paused_at >= 0.3
 
 
 def test_gateway_port_in_use_is_a_clear_error():

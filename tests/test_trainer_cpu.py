@@ -58,6 +58,8 @@ def test_three_steps_through_a_real_environment(cpu_run, assets):
         for name in DESIGN_METRICS:
             assert name in metrics, f"step {step} lacks {name}"
         assert any(name.startswith("atropos/env/") and name.endswith("/score_mean") for name in metrics)
+        # part of the wait for the batch, no more
+        assert 0 <= metrics["atropos/batch_wait_idle_s"] <= metrics["atropos/batch_wait_s"]
         # two groups a batch; any the staleness bound left out are counted, not lost
         # (a batch left out whole is followed by another in the same step: whole batches either way)
         stale = metrics.get("atropos/rejected/policy_lag_exceeded", 0)

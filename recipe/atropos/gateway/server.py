@@ -145,6 +145,11 @@ class Gateway:
         # the step the replicas' weights were synced after; 0 until the trainer names one
         self.policy_version = 0
         self._in_flight = {replica: 0 for replica in self.replicas}
+        # seconds the gateway was open with nothing in flight at any replica: time the trainer may
+        # wait for a batch while the replicas have nothing to generate (environments scoring,
+        # posting, held by the window); the clock stops while paused (the replicas sleep or sync)
+        self._idle_s = 0.0
+        self._idle_since: float | None = time.monotonic()
         self.continued = 0  # tokens-in choices continued after a weight sync cut them short
         self._open = asyncio.Event()
         self._open.set()
@@ -164,6 +169,7 @@ class Gateway:
         gateway continues them once it opens again (:mod:`.partial_rollout`).
         """
         self._open.clear()
+        self._stop_idle_clock()
         in_flight = sum(self._in_flight.values())
         started = time.monotonic()
         if drain:
@@ -175,10 +181,22 @@ class Gateway:
         if policy_version is not None:
             self.policy_version = policy_version
         self._open.set()
+        if not any(self._in_flight.values()) and self._idle_since is None:
+            self._idle_since = time.monotonic()
 
     @property
     def paused(self) -> bool:
         return not self._open.is_set()
+
+    def idle_seconds(self) -> float:
+        """Seconds so far the gateway was open with no request in flight at any replica."""
+        running = time.monotonic() - self._idle_since if self._idle_since is not None else 0.0
+        return self._idle_s + running
+
+    def _stop_idle_clock(self) -> None:
+        if self._idle_since is not None:
+            self._idle_s += time.monotonic() - self._idle_since
+            self._idle_since = None
 
     # -- forwarding ---------------------------------------------------------------------
 
@@ -204,6 +222,7 @@ class Gateway:
         replica = min(self.replicas, key=self._in_flight.__getitem__)
         self._in_flight[replica] += 1
         self._drained.clear()
+        self._stop_idle_clock()
         try:
             # environments name the model as they please; each replica serves exactly one
             body = {**body, "model": await self._model_of(replica)}
@@ -215,6 +234,8 @@ class Gateway:
             self._in_flight[replica] -= 1
             if not any(self._in_flight.values()):
                 self._drained.set()
+                if self._open.is_set():
+                    self._idle_since = time.monotonic()
         if response.status_code != 200:
             raise HTTPException(response.status_code, f"replica {replica} answered {path}: {response.text[:500]}")
         return response.json(), version
@@ -428,6 +449,13 @@ class GatewayServer:
         trainer waits for a batch (see :mod:`.admission`)."""
         observed = self.gateway.window.observe(arrived_total, downstream, starved)
         asyncio.run_coroutine_threadsafe(observed, self._loop).result()
+
+    def idle_seconds(self) -> float:
+        """Seconds so far the gateway was open with nothing in flight (see :meth:`Gateway.idle_seconds`)."""
+        return asyncio.run_coroutine_threadsafe(self._idle_seconds(), self._loop).result()
+
+    async def _idle_seconds(self) -> float:
+        return self.gateway.idle_seconds()
 
     def window_stats(self):
         return asyncio.run_coroutine_threadsafe(self._window_stats(), self._loop).result()

@@ -304,7 +304,10 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         metrics, timing_raw = {}, {}
         with marked_timer("step", timing_raw):
             with marked_timer("gen", timing_raw):
+                idle_before = self.gateway.idle_seconds()
                 prefetched, waited = prefetcher.get()
+                # the part of the wait in which the replicas had nothing to generate
+                idle_wait = min(waited, self.gateway.idle_seconds() - idle_before)
             carried = self._untrained
             shaped = shape_batch(
                 prefetched.result,
@@ -363,6 +366,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
 
         # from the batch the actor updated on; groups of wholly rejected batches count with this step
         metrics.update(atropos_metrics(shaped, batch, batch_wait_s=waited))
+        metrics["atropos/batch_wait_idle_s"] = idle_wait
         metrics.update(self._accounting(prefetcher))
         metrics["atropos/fetch_s"] = prefetched.fetch_s
         metrics["atropos/convert_s"] = prefetched.convert_s
