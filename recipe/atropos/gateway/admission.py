@@ -58,13 +58,17 @@ class AdmissionStats:
     escapes: int  # requests let through a full window because the trainer starved with nothing moving
 
 
+def _check_window(window: int | None) -> None:
+    if window is not None and window <= 0:
+        raise ValueError(f"the generation window must hold at least one sequence, got {window}")
+
+
 class GenerationWindow:
     """The window of outstanding sequences; every method runs on the gateway's event loop."""
 
     def __init__(self, window: int | None = None, settle_s: float = 5.0, quiet_s: float = 1.0,
                  clock=time.monotonic):
-        if window is not None and window <= 0:
-            raise ValueError(f"the generation window must hold at least one sequence, got {window}")
+        _check_window(window)
         if settle_s <= 0:
             raise ValueError(f"settle_s must be > 0 seconds, got {settle_s}")
         self.window = window
@@ -160,8 +164,7 @@ class GenerationWindow:
             self._changed.notify_all()
 
     async def resize(self, window: int | None) -> None:
-        if window is not None and window <= 0:
-            raise ValueError(f"the generation window must hold at least one sequence, got {window}")
+        _check_window(window)
         async with self._changed:
             self.window = window
             self._changed.notify_all()

@@ -452,16 +452,18 @@ class GatewayServer:
 
     def idle_seconds(self) -> float:
         """Seconds so far the gateway was open with nothing in flight (see :meth:`Gateway.idle_seconds`)."""
-        return asyncio.run_coroutine_threadsafe(self._idle_seconds(), self._loop).result()
-
-    async def _idle_seconds(self) -> float:
-        return self.gateway.idle_seconds()
+        return self._read_on_loop(self.gateway.idle_seconds)
 
     def window_stats(self):
-        return asyncio.run_coroutine_threadsafe(self._window_stats(), self._loop).result()
+        return self._read_on_loop(self.gateway.window.stats)
 
-    async def _window_stats(self):
-        return self.gateway.window.stats()
+    def _read_on_loop(self, read):
+        """``read()`` run on the gateway's event loop, where the state it reads changes."""
+
+        async def run():
+            return read()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
 
     def resume(self, policy_version: int | None = None) -> None:
         asyncio.run_coroutine_threadsafe(self.gateway.resume(policy_version), self._loop).result()
