@@ -183,9 +183,9 @@ def test_fan_out_keeps_to_the_concurrency_limit_and_others_keep_their_latency():
             server.stop()
     assert greedy.status_code == ordinary.status_code == 200
     assert len(greedy.json()["token_ids"]) == 64
-    # the first request plus at most max_concurrency sub-requests, plus the ordinary one
-    assert app.state.peak <= 1 + limits.max_concurrency + 1, app.state.peak
-    # 63 sub-requests of 0.2 s, 4 at a time, take over 3 s; the ordinary request did not wait for them
+    # at most max_concurrency sub-requests, plus the ordinary one
+    assert app.state.peak <= limits.max_concurrency + 1, app.state.peak
+    # 64 sub-requests of 0.2 s, 4 at a time, take over 3 s; the ordinary request did not wait for them
     assert ordinary_s < alone + 1.5, (ordinary_s, alone)
 
 

@@ -42,10 +42,11 @@ def in_background(post) -> tuple[threading.Thread, dict]:
     return thread, answer
 
 
-def sync_while_generating(server: PolicyServer, replica: ServedApp, gateway: GatewayServer) -> int:
-    """What the trainer does with partial_rollout: hold the gateway, abort, (sync,) resume both."""
+def sync_while_generating(server: PolicyServer, replica: ServedApp, gateway: GatewayServer, requests: int = 1) -> int:
+    """What the trainer does with partial_rollout: hold the gateway, abort, (sync,) resume both;
+    ``requests`` are in flight at the replica when it begins."""
     deadline = time.monotonic() + 60
-    while server._in_flight == 0:
+    while server._in_flight < requests:
         assert time.monotonic() < deadline, "the request never reached the replica"
         time.sleep(0.01)
     time.sleep(0.2)  # some tokens in
@@ -54,7 +55,7 @@ def sync_while_generating(server: PolicyServer, replica: ServedApp, gateway: Gat
     # ... the new weights would load here ...
     httpx.post(f"{replica.url}/resume", timeout=10).raise_for_status()
     gateway.resume(1)
-    assert drain.requests == 1 and drain.seconds < 1.0
+    assert drain.requests == requests and drain.seconds < 1.0
     return aborted
 
 
@@ -65,7 +66,8 @@ def test_an_aborted_tokens_in_request_is_finished_under_the_new_weights(rig):
         f"{gateway.url}/generate",
         json={"prompt": {"prompt_token_ids": prompt}, "n": 2, "max_tokens": LONG, "logprobs": 0}, timeout=300,
     ).json())
-    assert sync_while_generating(server, replica, gateway) == 1
+    # each choice is its own request
+    assert sync_while_generating(server, replica, gateway, requests=2) == 2
     thread.join(timeout=300)
     # every choice complete: all the tokens asked for, a log-prob for each, no trace of the abort
     assert answer["finish_reasons"] == ["length", "length"]

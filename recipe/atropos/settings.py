@@ -63,9 +63,10 @@ class AtroposConfig(BaseConfig):
         gateway_max_tokens: most new tokens one gateway request may ask for
             (``max_tokens``, ``max_new_tokens``, ``max_completion_tokens``).
         gateway_max_concurrency: most single-choice sub-requests the gateway has in
-            flight at once when a replica answers one choice per request (vLLM's
-            tokens-in route) and a request asks for ``n`` > 1; a caller asking for many
-            choices waits behind this limit instead of holding every connection.
+            flight at once, gateway-wide, for requests that ask for ``n`` > 1 (each choice
+            is sampled by its own request); a caller asking for many choices waits behind
+            this limit instead of holding every connection. null: a whole training batch
+            (``data.train_batch_size`` x ``rollout.n``), so generation is not throttled.
         gateway_model_names: names environments may call the policy by, besides the
             replicas' own model ids and ``actor_rollout_ref.model.path``; any other name is
             refused with HTTP 404, as vLLM refuses it.
@@ -106,7 +107,7 @@ class AtroposConfig(BaseConfig):
     batches_file: str | None = None
     gateway_max_n: int = 64
     gateway_max_tokens: int = 16384
-    gateway_max_concurrency: int = 32
+    gateway_max_concurrency: int | None = None
     gateway_model_names: list[str] = field(default_factory=lambda: ["model"])
     stall_timeout_s: float = 120.0
     generation_window_batches: int | None = None
@@ -146,7 +147,7 @@ class AtroposConfig(BaseConfig):
                 f"got {self.max_policy_lag_steps}"
             )
         for name in ("gateway_max_n", "gateway_max_tokens", "gateway_max_concurrency"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"trainer.atropos.{name} must be >= 1, got {getattr(self, name)}")
         if self.generation_window_batches is not None and self.generation_window_batches < 0:
             raise ValueError(

@@ -31,7 +31,7 @@ class GatewayLimits:
 
     max_n: int = 64
     max_tokens: int = 16384
-    # sub-requests in flight at once for replicas that answer one choice per request
+    # single-choice sub-requests in flight at once, gateway-wide, for requests asking for n > 1
     max_concurrency: int = 32
 
     def __post_init__(self):

@@ -29,10 +29,10 @@ by client (the API key an environment sends), route and status code, and those c
 
 Every body is validated by a typed model (:mod:`.requests`) before it reaches a
 replica: a malformed request gets HTTP 400 naming the field, an unknown model name
-HTTP 404 as vLLM answers it, and ``n`` / ``max_tokens`` are bounded. Replicas that
-answer one choice per request are fanned out to with at most ``max_concurrency``
-sub-requests in flight across the gateway, so one caller asking for many choices
-queues behind that limit instead of holding every connection.
+HTTP 404 as vLLM answers it, and ``n`` / ``max_tokens`` are bounded. A ``/generate``
+asking for ``n`` > 1 is sampled as ``n`` single-choice requests (:func:`sample_one_by_one`),
+at most ``max_concurrency`` of them in flight across the gateway, so one caller asking
+for many choices queues behind that limit instead of holding every connection.
 """
 
 # no ``from __future__ import annotations``: FastAPI reads the routes' body types at definition time
@@ -108,6 +108,24 @@ def vllm_to_atropos_generate(reply: dict[str, Any]) -> dict[str, Any]:
         finish_reasons.append(choice.get("finish_reason"))
         token_ids.append(choice["token_ids"])
     return {"logprobs": logprobs, "finish_reasons": finish_reasons, "token_ids": token_ids}
+
+
+async def sample_one_by_one(gateway: "Gateway", vllm_request: dict[str, Any], wanted: int) -> tuple[dict, list[int]]:
+    """``wanted`` choices from single-choice requests, each with the policy version that sampled it.
+
+    One request per choice, as verl's agent loop samples: vLLM 0.24's tokens-in route answers a
+    non-streaming ``n > 1`` request with only the choices that finished last, the longest, so
+    topping those up would bias every group towards long, truncated solutions.
+    """
+    single = {**vllm_request, "sampling_params": {**vllm_request["sampling_params"], "n": 1}}
+    if wanted == 1:
+        replies = [await gateway.forward_versioned("/inference/v1/generate", single)]
+    else:
+        replies = await gateway.forward_single_choices("/inference/v1/generate", single, wanted)
+    choices = [choice for reply, _ in replies for choice in reply.get("choices") or []]
+    if len(choices) != wanted:
+        raise HTTPException(502, f"the replica answered {len(choices)} choices to {wanted} single-choice requests")
+    return {"choices": choices}, [version for reply, version in replies for _ in reply["choices"]]
 
 
 def choices_asked(body: dict[str, Any]) -> int:
@@ -340,15 +358,7 @@ def build_app(gateway: Gateway) -> FastAPI:
         vllm_request = atropos_to_vllm_generate(request.model_dump(exclude_unset=True))
         wanted = int(vllm_request["sampling_params"].get("n", 1))
         async with gateway.admitted(wanted):
-            reply, version = await gateway.forward_versioned("/inference/v1/generate", vllm_request)
-            versions = [version] * len(reply.get("choices") or [])
-            # vLLM 0.24's tokens-in route answers one choice whatever n asks: sample the rest one by one
-            missing = wanted - len(versions)
-            if missing > 0:
-                single = {**vllm_request, "sampling_params": {**vllm_request["sampling_params"], "n": 1}}
-                extra = await gateway.forward_single_choices("/inference/v1/generate", single, missing)
-                reply["choices"] = list(reply["choices"]) + [choice for r, _ in extra for choice in r["choices"]]
-                versions += [v for r, v in extra for _ in r["choices"]]
+            reply, versions = await sample_one_by_one(gateway, vllm_request, wanted)
             # choices a weight sync cut short are continued under the new weights; each keeps the
             # version it started under, the oldest of its tokens
             for index, choice in enumerate(reply["choices"]):

@@ -119,7 +119,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             limits=GatewayLimits(
                 max_n=self.atropos.gateway_max_n,
                 max_tokens=self.atropos.gateway_max_tokens,
-                max_concurrency=self.atropos.gateway_max_concurrency,
+                max_concurrency=self._gateway_concurrency(),
             ),
             model_names=self._policy_names(),
             window_settle_s=self.atropos.generation_settle_s,
@@ -138,6 +138,12 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             partial = target.with_name(target.name + ".partial")
             partial.write_text(self.gateway.url + "\n")
             partial.replace(target)
+
+    def _gateway_concurrency(self) -> int:
+        """Single-choice requests the gateway may keep in flight: as configured, else a whole batch."""
+        if self.atropos.gateway_max_concurrency is not None:
+            return self.atropos.gateway_max_concurrency
+        return self.config.data.train_batch_size * self.config.actor_rollout_ref.rollout.n
 
     def _policy_names(self) -> tuple[str, ...]:
         """What environments may call the policy at the gateway (the launcher passes the model path)."""
