@@ -2,10 +2,10 @@
 # launcher, and verl's own GRPO (verl.trainer.main_ppo, legacy trainer) with the same sizes.
 # The caller sets OUT, MODEL, DATA, STEPS, LIMIT and PY.
 
-# BATCH N PLEN RLEN LR MINI MICRO LPMICRO MEM of a config under recipe/atropos/config, so verl's
-# run cannot drift from ours
+# BATCH N PLEN RLEN LR MINI MICRO LPMICRO MEM SHUFFLE of a config under recipe/atropos/config, so
+# verl's run cannot drift from ours
 read_sizes() {  # CONFIG_NAME
-  read -r BATCH N PLEN RLEN LR MINI MICRO LPMICRO MEM < <($PY - "$1" <<'PY'
+  read -r BATCH N PLEN RLEN LR MINI MICRO LPMICRO MEM SHUFFLE < <($PY - "$1" <<'PY'
 import os, sys
 from hydra import compose, initialize_config_dir
 with initialize_config_dir(config_dir=os.path.abspath("recipe/atropos/config"), version_base=None):
@@ -13,7 +13,7 @@ with initialize_config_dir(config_dir=os.path.abspath("recipe/atropos/config"), 
 a = c.actor_rollout_ref
 print(c.data.train_batch_size, a.rollout.n, c.data.max_prompt_length, c.data.max_response_length, a.actor.optim.lr,
       a.actor.ppo_mini_batch_size, a.actor.ppo_micro_batch_size_per_gpu, a.rollout.log_prob_micro_batch_size_per_gpu,
-      a.rollout.gpu_memory_utilization)
+      a.rollout.gpu_memory_utilization, c.data.get("shuffle", True))
 PY
 )
 }
@@ -38,7 +38,7 @@ verl_grpo() {  # NAME GPUS N_GPUS VALIDATE(True|False): metrics in $OUT/NAME.jso
     timeout -s INT -k 120 "$LIMIT" $PY -m verl.trainer.main_ppo \
       algorithm.adv_estimator=grpo algorithm.use_kl_in_reward=False \
       data.train_files="$DATA/train.parquet" data.val_files="$DATA/test.parquet" \
-      data.train_batch_size="$BATCH" data.max_prompt_length="$PLEN" data.max_response_length="$RLEN" \
+      data.train_batch_size="$BATCH" data.shuffle="$SHUFFLE" data.max_prompt_length="$PLEN" data.max_response_length="$RLEN" \
       data.filter_overlong_prompts=True data.truncation=error data.dataloader_num_workers=0 \
       actor_rollout_ref.model.path="$MODEL" actor_rollout_ref.model.use_remove_padding=False \
       +actor_rollout_ref.model.override_config.attn_implementation=sdpa \

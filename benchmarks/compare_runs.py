@@ -10,7 +10,9 @@ the batch (ours: ``atropos/batch_wait_s``; verl's own GRPO has no wait, it gener
 ``timing_s/gen`` is given instead). Colocated, ours generates while it waits, so its wait holds
 its generation; the part of it in which the replicas had nothing to generate
 (``atropos/batch_wait_idle_s``: environments scoring and posting, the API forming the batch) is
-given apart. Then the ratios ours / verl.
+given apart. Step times depend on how long the responses are, and two runs' policies drift
+apart, so the trained tokens per second (verl's ``perf/total_num_tokens``, prompts and
+responses) and the mean response length are given too. Then the ratios ours / verl.
 
 verl's own run does not log how many sequences a step trained: it is its
 ``data.train_batch_size`` x ``rollout.n``, given as ``--verl-sequences-per-step``.
@@ -40,6 +42,8 @@ class RunFigures:
     wait_share: float | None  # batch wait / step time; None for verl's own
     idle_wait_share: float | None  # batch wait with the replicas idle / step time; None: not logged
     gen_share: float | None  # verl's timing_s/gen / step time; None for ours
+    tokens_per_s: float | None  # perf/total_num_tokens / step time; None: not logged
+    mean_response_tokens: float | None  # mean of response_length/mean; None: not logged
 
 
 def run_figures(path: str | Path, sequences_per_step: int | None = None) -> RunFigures:
@@ -65,6 +69,11 @@ def run_figures(path: str | Path, sequences_per_step: int | None = None) -> RunF
             idle_wait = sum(m["atropos/batch_wait_idle_s"] for m in steps.values()) / sum(step_s)
     else:
         gen = sum(m.get("timing_s/gen", 0.0) for m in steps.values()) / sum(step_s)
+    tokens = response = None
+    if all("perf/total_num_tokens" in m for m in steps.values()):
+        tokens = sum(m["perf/total_num_tokens"] for m in steps.values()) / sum(step_s)
+    if all("response_length/mean" in m for m in steps.values()):
+        response = statistics.mean(m["response_length/mean"] for m in steps.values())
     return RunFigures(
         steps=len(steps),
         median_step_s=statistics.median(step_s),
@@ -73,6 +82,8 @@ def run_figures(path: str | Path, sequences_per_step: int | None = None) -> RunF
         wait_share=wait,
         idle_wait_share=idle_wait,
         gen_share=gen,
+        tokens_per_s=tokens,
+        mean_response_tokens=response,
     )
 
 
@@ -87,6 +98,10 @@ def describe(label: str, figures: RunFigures) -> str:
         parts.append(f"batch wait with the replicas idle {100 * figures.idle_wait_share:.1f} % of a step")
     if figures.gen_share is not None:
         parts.append(f"generation {100 * figures.gen_share:.1f} % of a step")
+    if figures.tokens_per_s is not None:
+        parts.append(f"{figures.tokens_per_s:.0f} trained tokens/s")
+    if figures.mean_response_tokens is not None:
+        parts.append(f"responses {figures.mean_response_tokens:.0f} tokens on average")
     return ", ".join(parts)
 
 
@@ -103,8 +118,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     verl = run_figures(args.verl, args.verl_sequences_per_step)
     print(describe(f"{args.label}verl", verl))
-    print(f"{args.label}ratio ours/verl: step time {ours.median_step_s / verl.median_step_s:.3f}, "
-          f"trained sequences/s {ours.sequences_per_s / verl.sequences_per_s:.3f}")
+    ratios = (f"{args.label}ratio ours/verl: step time {ours.median_step_s / verl.median_step_s:.3f}, "
+              f"trained sequences/s {ours.sequences_per_s / verl.sequences_per_s:.3f}")
+    if ours.tokens_per_s is not None and verl.tokens_per_s is not None:
+        ratios += f", trained tokens/s {ours.tokens_per_s / verl.tokens_per_s:.3f}"
+    print(ratios)
 
 
 if __name__ == "__main__":

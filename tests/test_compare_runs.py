@@ -43,6 +43,7 @@ def test_figures_count_steps_three_on(tmp_path):
     assert figures.wait_share == pytest.approx(6 / 36)
     assert figures.idle_wait_share == pytest.approx(3 / 36)
     assert figures.gen_share is None
+    assert figures.tokens_per_s is figures.mean_response_tokens is None  # not logged here
     # runs that did not log the idle part of the wait show none, rather than 0
     for step in (3, 4, 5):
         del figures_input[step - 1]["atropos/batch_wait_idle_s"]
@@ -50,8 +51,12 @@ def test_figures_count_steps_three_on(tmp_path):
 
 
 def test_verl_runs_need_their_sequences_per_step_and_the_ratios_are_printed(tmp_path):
-    ours = write_run(tmp_path / "ours.jsonl", [ours_step(10, 8, 0, 2, 0)] * 4)
-    verl = write_run(tmp_path / "verl.jsonl", [{"timing_s/step": 8.0, "timing_s/gen": 2.0}] * 4)
+    # a run whose responses are half as long trains fewer tokens a second at a faster step
+    ours = write_run(tmp_path / "ours.jsonl", [
+        {**ours_step(10, 8, 0, 2, 0), "perf/total_num_tokens": 1000.0, "response_length/mean": 50.0}] * 4)
+    verl_step = {"timing_s/step": 8.0, "timing_s/gen": 2.0, "perf/total_num_tokens": 1600.0,
+                 "response_length/mean": 100.0}
+    verl = write_run(tmp_path / "verl.jsonl", [verl_step] * 4)
     with pytest.raises(SystemExit, match="sequences per step"):
         compare_runs["run_figures"](verl)
     figures = compare_runs["run_figures"](verl, sequences_per_step=8)
@@ -60,4 +65,5 @@ def test_verl_runs_need_their_sequences_per_step_and_the_ratios_are_printed(tmp_
         [sys.executable, str(SCRIPT), "--ours", str(ours), "--verl", str(verl), "--verl-sequences-per-step", "8"],
         capture_output=True, text=True, check=True, cwd=tmp_path,
     ).stdout
-    assert "ratio ours/verl: step time 1.250, trained sequences/s 0.800" in printed
+    assert "ratio ours/verl: step time 1.250, trained sequences/s 0.800, trained tokens/s 0.500" in printed
+    assert "100 trained tokens/s, responses 50 tokens on average" in printed

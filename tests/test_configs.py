@@ -61,6 +61,13 @@ def test_qwen05b_learning_configs_differ_only_in_their_environment():
     for key in ("data", "actor_rollout_ref.model", "actor_rollout_ref.actor", "algorithm"):
         assert OmegaConf.select(plain, key) == OmegaConf.select(credit, key), key
     assert plain.actor_rollout_ref.rollout.n == credit.actor_rollout_ref.rollout.n == 8
+    # the environments serve the problems in the file's order, as verl reads them with data.shuffle=false
+    assert plain.data.shuffle is False
+    for config in (plain, credit):
+        spec = ServicesConfig.from_run_config(config).envs[0]
+        command = env_command(spec, 0, config, AtroposConfig.from_run_config(config), "http://g")
+        flags = command[command.index("serve") + 1:]
+        assert dict(zip(flags[::2], flags[1::2]))["--env.shuffle"] == "false"
 
 
 def test_a_typo_in_trainer_atropos_fails_at_start_up():

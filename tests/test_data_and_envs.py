@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pyarrow.parquet as pq
@@ -9,7 +10,7 @@ import pytest
 
 from recipe.atropos.data import prepare_gsm8k
 from recipe.atropos.data.gsm8k_synthetic import make_problems
-from recipe.atropos.envs.gsm8k import extract_answer, score_solution
+from recipe.atropos.envs.gsm8k import GSM8KEnv, extract_answer, score_solution
 from recipe.atropos.envs.gsm8k_answer_credit import answer_start, group_advantages, token_advantages
 
 
@@ -109,3 +110,21 @@ def test_answer_credit_is_relative_to_the_group():
     assert group_advantages([0.0] * 4, [True] * 4, 0.1) == [0.0] * 4
     assert group_advantages([0.0] * 4, [False] * 4, 0.1) == [0.0] * 4
     assert group_advantages([1.0], [True], 0.1) == [0.0]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_the_environment_serves_problems_in_the_file_order_unless_it_shuffles(tmp_path, tiny_model_dir, shuffle):
+    prepare_gsm8k.prepare("synthetic", str(tmp_path), train_size=30, test_size=2)
+    in_file = [row["prompt"][0]["content"] for row in pq.read_table(tmp_path / "train.parquet").to_pylist()]
+    config, servers = GSM8KEnv.config_init()
+    config = config.model_copy(update={"data_path": str(tmp_path / "train.parquet"),
+                                       "tokenizer_name": tiny_model_dir, "shuffle": shuffle})
+    env = GSM8KEnv(config, servers, testing=True)
+
+    async def serve(count):
+        await env.setup()
+        return [(await env.get_next_item())[0][0]["content"] for _ in range(count)]
+
+    served = asyncio.run(serve(len(in_file)))
+    assert sorted(served) == sorted(in_file)  # every problem once
+    assert (served == in_file) is (not shuffle)

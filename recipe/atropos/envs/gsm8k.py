@@ -43,6 +43,11 @@ class GSM8KEnvConfig(BaseEnvConfig):
     )
     max_new_tokens: int = Field(default=256, description="longest solution the policy may write")
     temperature: float = Field(default=1.0, description="sampling temperature of the solutions")
+    shuffle: bool = Field(
+        default=True,
+        description="serve the problems in a seeded random order; false: in the file's order, as verl's "
+        "data.shuffle=false feeds them, so a run of verl's own GRPO can see the same prompts at the same steps",
+    )
     shuffle_seed: int = Field(default=0, description="seed of the order problems are served in")
 
 
@@ -76,7 +81,8 @@ class GSM8KEnv(BaseEnv):
         rows = pq.read_table(path, columns=["prompt", "reward_model"]).to_pylist()
         if not rows:
             raise ValueError(f"{path} holds no problems")
-        random.Random(self.config.shuffle_seed).shuffle(rows)
+        if self.config.shuffle:
+            random.Random(self.config.shuffle_seed).shuffle(rows)
         self.problems = [(row["prompt"], str(row["reward_model"]["ground_truth"])) for row in rows]
         self.next_index = 0
 

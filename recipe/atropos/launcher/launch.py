@@ -137,7 +137,8 @@ def env_command(
         command += ["--status-file", str(status_file)]
     command.append("serve")
     for key, value in args.items():
-        command += [f"--{key}", str(value)]
+        # YAML's false is Python's False; the environments' command lines read "false"
+        command += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
     return command
 
 
