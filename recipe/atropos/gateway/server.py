@@ -49,12 +49,13 @@ from typing import Any
 
 import httpx
 import uvicorn
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from .admission import GenerationWindow
 from .context_fit import fit_to_context, token_prompt_length, tokenize_request
+from .disconnect import unless_disconnected
 from .partial_rollout import ABORTED, finish_tokens_in_choice, resend_until_finished
 from .policy_versions import PolicyVersionLedger
 from .request_stats import CountRequests, RequestStats
@@ -169,6 +170,7 @@ class Gateway:
         self._idle_s = 0.0
         self._idle_since: float | None = time.monotonic()
         self.continued = 0  # tokens-in choices continued after a weight sync cut them short
+        self.abandoned = 0  # requests given up because their caller disconnected (held or generating)
         self._open = asyncio.Event()
         self._open.set()
         self._drained = asyncio.Event()
@@ -333,6 +335,35 @@ class Gateway:
         return self._http
 
 
+async def generate_tokens_in(gateway: Gateway, vllm_request: dict[str, Any]) -> dict[str, Any]:
+    """An Atropos ``/generate`` through the window: its choices, continued after an abort, versioned."""
+    wanted = int(vllm_request["sampling_params"].get("n", 1))
+    async with gateway.admitted(wanted):
+        reply, versions = await sample_one_by_one(gateway, vllm_request, wanted)
+        # choices a weight sync cut short are continued under the new weights; each keeps the
+        # version it started under, the oldest of its tokens
+        for index, choice in enumerate(reply["choices"]):
+            if choice.get("finish_reason") == ABORTED:
+                gateway.continued += 1
+                reply["choices"][index] = await finish_tokens_in_choice(
+                    gateway.forward_versioned, vllm_request, choice
+                )
+    try:
+        translated = vllm_to_atropos_generate(reply)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise HTTPException(502, f"unexpected reply from the replica: {exc}") from exc
+    prompt_ids = list(vllm_request["token_ids"])
+    for output_ids, choice_version in zip(translated["token_ids"], versions):
+        gateway.ledger.record(prompt_ids + list(output_ids), choice_version)
+    return translated
+
+
+async def forward_openai(gateway: Gateway, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI-style request through the window, sent again whole if a weight sync cut it short."""
+    async with gateway.admitted(choices_asked(body)):
+        return (await resend_until_finished(gateway.forward_versioned, path, body))[0]
+
+
 def build_app(gateway: Gateway) -> FastAPI:
     app = FastAPI(title="atropos-verl inference gateway")
     app.add_middleware(CountRequests, stats=gateway.stats)
@@ -342,7 +373,7 @@ def build_app(gateway: Gateway) -> FastAPI:
     @app.get("/stats")
     async def stats():
         return {**gateway.stats.snapshot(), "generation_window": dataclasses.asdict(gateway.window.stats()),
-                "continued_after_abort": gateway.continued}
+                "continued_after_abort": gateway.continued, "abandoned_by_caller": gateway.abandoned}
 
     @app.get("/health")
     async def health():
@@ -351,46 +382,29 @@ def build_app(gateway: Gateway) -> FastAPI:
         body = {"status": "ok" if healthy else "unavailable", "paused": gateway.paused, "replicas": replicas}
         return JSONResponse(body, status_code=200 if healthy else 503)
 
+    def abandoned():
+        gateway.abandoned += 1
+
     @app.post("/generate")
-    async def generate(request: models.generate):
+    async def generate(request: models.generate, raw: Request):
         if request.model is not None and not await gateway.is_known_model(request.model):
             return unknown_model_response(request.model)
         vllm_request = atropos_to_vllm_generate(request.model_dump(exclude_unset=True))
-        wanted = int(vllm_request["sampling_params"].get("n", 1))
-        async with gateway.admitted(wanted):
-            reply, versions = await sample_one_by_one(gateway, vllm_request, wanted)
-            # choices a weight sync cut short are continued under the new weights; each keeps the
-            # version it started under, the oldest of its tokens
-            for index, choice in enumerate(reply["choices"]):
-                if choice.get("finish_reason") == ABORTED:
-                    gateway.continued += 1
-                    reply["choices"][index] = await finish_tokens_in_choice(
-                        gateway.forward_versioned, vllm_request, choice
-                    )
-        try:
-            translated = vllm_to_atropos_generate(reply)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise HTTPException(502, f"unexpected reply from the replica: {exc}") from exc
-        prompt_ids = list(vllm_request["token_ids"])
-        for output_ids, choice_version in zip(translated["token_ids"], versions):
-            gateway.ledger.record(prompt_ids + list(output_ids), choice_version)
-        return translated
+        return await unless_disconnected(raw, generate_tokens_in(gateway, vllm_request), abandoned)
 
     @app.post("/v1/completions")
-    async def completions(request: models.completion):
+    async def completions(request: models.completion, raw: Request):
         if request.model is not None and not await gateway.is_known_model(request.model):
             return unknown_model_response(request.model)
-        body = request.model_dump(exclude_unset=True)
-        async with gateway.admitted(choices_asked(body)):
-            return (await resend_until_finished(gateway.forward_versioned, "/v1/completions", body))[0]
+        work = forward_openai(gateway, "/v1/completions", request.model_dump(exclude_unset=True))
+        return await unless_disconnected(raw, work, abandoned)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: models.chat):
+    async def chat_completions(request: models.chat, raw: Request):
         if request.model is not None and not await gateway.is_known_model(request.model):
             return unknown_model_response(request.model)
-        body = request.model_dump(exclude_unset=True)
-        async with gateway.admitted(choices_asked(body)):
-            return (await resend_until_finished(gateway.forward_versioned, "/v1/chat/completions", body))[0]
+        work = forward_openai(gateway, "/v1/chat/completions", request.model_dump(exclude_unset=True))
+        return await unless_disconnected(raw, work, abandoned)
 
     return app
 
