@@ -340,14 +340,15 @@ async def generate_tokens_in(gateway: Gateway, vllm_request: dict[str, Any]) -> 
     wanted = int(vllm_request["sampling_params"].get("n", 1))
     async with gateway.admitted(wanted):
         reply, versions = await sample_one_by_one(gateway, vllm_request, wanted)
-        # choices a weight sync cut short are continued under the new weights; each keeps the
-        # version it started under, the oldest of its tokens
-        for index, choice in enumerate(reply["choices"]):
-            if choice.get("finish_reason") == ABORTED:
-                gateway.continued += 1
-                reply["choices"][index] = await finish_tokens_in_choice(
-                    gateway.forward_versioned, vllm_request, choice
-                )
+        # choices a weight sync cut short are continued under the new weights, all at once; each
+        # keeps the version it started under, the oldest of its tokens
+        cut = [index for index, choice in enumerate(reply["choices"]) if choice.get("finish_reason") == ABORTED]
+        gateway.continued += len(cut)
+        finished = await asyncio.gather(*[
+            finish_tokens_in_choice(gateway.forward_versioned, vllm_request, reply["choices"][index]) for index in cut
+        ])
+        for index, choice in zip(cut, finished):
+            reply["choices"][index] = choice
     try:
         translated = vllm_to_atropos_generate(reply)
     except (KeyError, TypeError, ValueError) as exc:
