@@ -10,8 +10,9 @@
 # them. With LAYOUTS=1 a third round runs the disaggregated layout (vLLM on one GPU, the actor on
 # the other) and then verl's own GRPO data-parallel on both. One GPU: ours, then verl's.
 # Every run's metrics go to OUT_DIR/NAME.jsonl; benchmarks/compare_runs.py prints, per round,
-# the median step time (steps 3 on), trained sequences per second, the stale-discarded share,
-# the batch-wait share of a step, and the ratios. CONFIG defaults to atropos_grpo_qwen05b_gpu.
+# the median step time (steps 3 on), trained sequences and tokens per second, the mean response
+# length (runs whose answers drift apart take different times a step), the stale-discarded
+# share, the batch-wait share of a step, and the ratios. CONFIG defaults to atropos_grpo_qwen05b_gpu.
 set -u
 OUT=${1:?out dir}; MODEL=${2:?model dir}; DATA=${3:?data dir with train/test.parquet}
 STEPS=${4:-20}; LIMIT=${5:-1800}; CONFIG=${6:-atropos_grpo_qwen05b_gpu}
