@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
@@ -25,7 +25,8 @@ CLIENT_CLOSED_REQUEST = 499
 POLL_S = 0.25  # how often the connection is checked while the request is held or generating
 
 
-async def unless_disconnected(raw: Request, work: Awaitable[Any], on_abandoned=None) -> Any:
+async def unless_disconnected(raw: Request, work: Awaitable[Any],
+                              on_abandoned: Callable[[], None] | None = None) -> Any:
     """``work``'s result, or a 499 response once the caller has disconnected (``work`` cancelled)."""
     task = asyncio.ensure_future(work)
     try:
