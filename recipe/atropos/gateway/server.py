@@ -51,7 +51,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from .admission import GenerationWindow
 from .context_fit import fit_to_context, token_prompt_length, tokenize_request
@@ -391,7 +391,10 @@ def build_app(gateway: Gateway) -> FastAPI:
         if request.model is not None and not await gateway.is_known_model(request.model):
             return unknown_model_response(request.model)
         vllm_request = atropos_to_vllm_generate(request.model_dump(exclude_unset=True))
-        return await unless_disconnected(raw, generate_tokens_in(gateway, vllm_request), abandoned)
+        reply = await unless_disconnected(raw, generate_tokens_in(gateway, vllm_request), abandoned)
+        # a dict of plain JSON types: FastAPI's encoder would walk each of its per-token entries
+        # (a batch of 256 x 448-token choices: about a second of the gateway's time)
+        return reply if isinstance(reply, Response) else JSONResponse(reply)
 
     @app.post("/v1/completions")
     async def completions(request: models.completion, raw: Request):
