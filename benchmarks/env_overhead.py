@@ -26,7 +26,6 @@ import random
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -38,10 +37,9 @@ from fastapi.responses import Response
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gateway_latency import Process  # noqa: E402
+from benchmarks.gateway_latency import Process, _run_gateway  # noqa: E402
 from recipe.atropos.envs.gsm8k import GSM8KEnv  # noqa: E402
 from recipe.atropos.gateway.requests import GatewayLimits  # noqa: E402
-from recipe.atropos.gateway.server import GatewayServer  # noqa: E402
 from recipe.atropos.models.make_tiny_model import write_tiny_model  # noqa: E402
 
 QUESTION = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. " \
@@ -74,12 +72,6 @@ def instant_replica(tokens: int, vocab: int) -> FastAPI:
 
 def _run_replica(port: int, tokens: int, vocab: int) -> None:
     uvicorn.run(instant_replica(tokens, vocab), host="127.0.0.1", port=port, log_level="warning")
-
-
-def _run_gateway(port: int, replica_url: str, concurrency: int) -> None:
-    gateway = GatewayServer([replica_url], port=port, limits=GatewayLimits(max_concurrency=concurrency))
-    gateway.start()
-    threading.Event().wait()
 
 
 def environment(gateway_url: str, model_dir: str, data_path: str, group_size: int, tokens: int) -> GSM8KEnv:
@@ -116,9 +108,9 @@ def main(argv: list[str] | None = None) -> None:
         rows = [{"prompt": [{"role": "user", "content": QUESTION}], "reward_model": {"ground_truth": "72"}}]
         pq.write_table(pa.Table.from_pylist(rows * args.groups), data_path)
         vocab = 250  # the tiny model's tokenizer decodes ids below this
-        concurrency = args.groups * args.group_size
+        limits = GatewayLimits(max_concurrency=args.groups * args.group_size)
         with Process(_run_replica, args.tokens, vocab) as replica, \
-                Process(_run_gateway, replica.url, concurrency) as gateway:
+                Process(_run_gateway, replica.url, limits) as gateway:
             env = environment(gateway.url, model_dir, data_path, args.group_size, args.tokens)
 
             async def run() -> None:

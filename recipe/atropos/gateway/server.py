@@ -123,10 +123,10 @@ async def sample_one_by_one(gateway: "Gateway", vllm_request: dict[str, Any], wa
         replies = [await gateway.forward_versioned("/inference/v1/generate", single)]
     else:
         replies = await gateway.forward_single_choices("/inference/v1/generate", single, wanted)
-    choices = [choice for reply, _ in replies for choice in reply.get("choices") or []]
-    if len(choices) != wanted:
-        raise HTTPException(502, f"the replica answered {len(choices)} choices to {wanted} single-choice requests")
-    return {"choices": choices}, [version for reply, version in replies for _ in reply["choices"]]
+    sampled = [(choice, version) for reply, version in replies for choice in reply.get("choices") or []]
+    if len(sampled) != wanted:
+        raise HTTPException(502, f"the replica answered {len(sampled)} choices to {wanted} single-choice requests")
+    return {"choices": [choice for choice, _ in sampled]}, [version for _, version in sampled]
 
 
 def choices_asked(body: dict[str, Any]) -> int:

@@ -143,7 +143,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         """Single-choice requests the gateway may keep in flight: as configured, else a whole batch."""
         if self.atropos.gateway_max_concurrency is not None:
             return self.atropos.gateway_max_concurrency
-        return self.config.data.train_batch_size * self.config.actor_rollout_ref.rollout.n
+        return self.registered_batch_size
 
     def _policy_names(self) -> tuple[str, ...]:
         """What environments may call the policy at the gateway (the launcher passes the model path)."""
