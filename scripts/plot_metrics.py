@@ -66,10 +66,12 @@ def compare_learning(runs: list[str], png: Path | None) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         fig, axis = plt.subplots(figsize=(7, 4))
         for label, curve in curves.items():
             axis.plot(sorted(curve), [curve[s] for s in sorted(curve)], marker="o", label=label)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         axis.set_xlabel("step")
         axis.set_ylabel("mean score of the sampled responses")
         axis.legend()

@@ -17,6 +17,10 @@ collapsed the policy's entropy and shortened answers to a bare ``#### N``. Promp
 0 (they are not trained). The trainer uses these advantages in place of GRPO's for every
 sequence of the group.
 
+Measured against the plain ``gsm8k`` environment (docs/results.md, run 5), this rule learns less:
+in a group with no right answer, one formatted solution of eight gets the advantage a right answer
+gets under GRPO, and the policy learnt short ``#### N`` guesses.
+
     python -m recipe.atropos.envs.gsm8k_answer_credit serve --env.data_path ... --openai.base_url ...
 """
 
