@@ -70,6 +70,20 @@ def test_qwen05b_learning_configs_differ_only_in_their_environment():
         assert dict(zip(flags[::2], flags[1::2]))["--env.shuffle"] == "false"
 
 
+def test_the_verl_reward_config_is_the_plain_one_scored_by_verls_reward():
+    plain, verl_reward = load("atropos_grpo_qwen05b_gpu"), load("atropos_grpo_qwen05b_verl_reward_gpu")
+    check_config(verl_reward)
+    for key in ("data", "actor_rollout_ref.model", "actor_rollout_ref.actor", "actor_rollout_ref.rollout.n",
+                "algorithm", "trainer.atropos"):
+        assert OmegaConf.select(plain, key) == OmegaConf.select(verl_reward, key), key
+    plain_env, verl_env = (ServicesConfig.from_run_config(c).envs[0] for c in (plain, verl_reward))
+    assert plain_env.module == verl_env.module == "recipe.atropos.envs.gsm8k"
+    assert {k: v for k, v in verl_env.args.items() if k != "env.scorer"} == plain_env.args
+    command = env_command(verl_env, 0, verl_reward, AtroposConfig.from_run_config(verl_reward), "http://g")
+    flags = command[command.index("serve") + 1:]
+    assert dict(zip(flags[::2], flags[1::2]))["--env.scorer"] == "verl"
+
+
 def test_a_typo_in_trainer_atropos_fails_at_start_up():
     config = load("atropos_grpo_cpu", ["+trainer.atropos.use_advantage=false"])
     with pytest.raises(Exception, match="unexpected keyword argument 'use_advantage'"):

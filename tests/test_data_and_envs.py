@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
@@ -11,7 +12,12 @@ import pytest
 from recipe.atropos.data import prepare_gsm8k
 from recipe.atropos.data.gsm8k_synthetic import make_problems
 from recipe.atropos.envs.gsm8k import GSM8KEnv, extract_answer, score_solution
-from recipe.atropos.envs.gsm8k_answer_credit import answer_start, group_advantages, token_advantages
+from recipe.atropos.envs.gsm8k_answer_credit import (
+    GSM8KAnswerCreditEnv,
+    answer_start,
+    group_advantages,
+    token_advantages,
+)
 
 
 def test_synthetic_problems_are_deterministic_and_correct():
@@ -86,6 +92,49 @@ def test_score_is_exact_match_of_the_final_number():
     assert score_solution("so #### 24", "24") == 1.0
     assert score_solution("so #### 25", "24") == 0.0
     assert score_solution("24", "24") == 0.0
+
+
+# an answer followed by more than 300 characters of text: verl's reward reads only the last 300
+RAMBLING = "3 + 4 = 7\n#### 7\n" + "and then the next question asks about apples. " * 8
+
+
+@pytest.mark.parametrize("text, last_marker, verl", [
+    ("3 + 4 = 7\n#### 7", 1.0, 1.0),
+    ("#### 1,000 is wrong", 0.0, 0.0),
+    (RAMBLING, 1.0, 0.0),
+    ("3 + 4 = 7\n####7", 1.0, 0.0),  # verl's reward wants one space after ####
+    ("3 + 4 = 7 so \\boxed{7}", 0.0, 0.0),
+])
+def test_the_two_scorers_differ_only_in_where_and_how_they_read_the_marker(text, last_marker, verl):
+    assert score_solution(text, "7", "last_marker") == last_marker
+    assert score_solution(text, "7", "verl") == verl
+
+
+def test_an_unknown_scorer_is_refused_by_name(tiny_model_dir):
+    with pytest.raises(ValueError, match="scorer"):
+        score_solution("#### 7", "7", "loose")
+    config, _ = GSM8KEnv.config_init()
+    with pytest.raises(ValueError, match="scorer"):
+        type(config).model_validate({**config.model_dump(), "scorer": "loose"})
+
+
+@pytest.mark.parametrize("env_class", [GSM8KEnv, GSM8KAnswerCreditEnv])
+@pytest.mark.parametrize("scorer, expected", [("last_marker", [1.0, 1.0]), ("verl", [1.0, 0.0])])
+def test_the_environments_score_their_groups_with_the_configured_scorer(tiny_model_dir, env_class, scorer, expected):
+    config, servers = env_class.config_init()
+    config = config.model_copy(update={"tokenizer_name": tiny_model_dir, "group_size": 2, "scorer": scorer})
+    env = env_class(config, servers, testing=True)
+    texts = ["3 + 4 = 7\n#### 7", RAMBLING]
+    tokens = [env.tokenizer.encode(text) for text in texts]
+
+    async def sampled(messages):  # what the gateway would answer: the solutions and their tokens
+        nodes = [SimpleNamespace(tokens=[1] + t, masked_tokens=[-100] + t, logprobs=[0.0] + [-0.5] * len(t))
+                 for t in tokens]
+        return texts, nodes
+
+    env.sample_group = sampled
+    group, _ = asyncio.run(env.collect_trajectories(([{"role": "user", "content": "3 + 4?"}], "7")))
+    assert group["scores"] == expected
 
 
 def test_answer_credit_rule():

@@ -3,6 +3,10 @@
 Each item is one problem; the policy (through the inference gateway, atroposlib's
 ``server_type: vllm``) writes ``group_size`` step-by-step solutions; a solution
 scores 1.0 when the number after its ``####`` equals the reference answer, else 0.0.
+Which ``####`` is read is the ``scorer`` setting: ``last_marker`` (the default) reads the last
+one anywhere in the solution; ``verl`` scores with verl's own GSM8K reward, which reads only the
+solution's last 300 characters and wants ``#### N`` with one space, so a solution that writes on
+after its answer scores 0 there, as it does in a run of verl's own GRPO.
 Tokens, loss masks and inference log-probs come from atroposlib's managed server,
 so what is trained is exactly what was sampled.
 
@@ -16,10 +20,12 @@ from __future__ import annotations
 import os
 import random
 import re
+from typing import Literal
 
 import pyarrow.parquet as pq
 from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, ScoredDataGroup
 from pydantic import Field
+from verl.utils.reward_score import gsm8k as verl_gsm8k
 
 _FINAL_NUMBER = re.compile(r"####\s*\$?(-?[\d,]*\.?\d+)")
 
@@ -33,7 +39,15 @@ def extract_answer(text: str) -> str | None:
     return number[:-2] if number.endswith(".0") else number
 
 
-def score_solution(text: str, ground_truth: str) -> float:
+SCORERS = ("last_marker", "verl")
+
+
+def score_solution(text: str, ground_truth: str, scorer: str = "last_marker") -> float:
+    """1.0 if the solution's answer is the reference answer, else 0.0, as ``scorer`` reads it."""
+    if scorer == "verl":
+        return float(verl_gsm8k.compute_score(text, str(ground_truth).strip()))
+    if scorer != "last_marker":
+        raise ValueError(f"unknown GSM8K scorer {scorer!r}; one of {', '.join(SCORERS)}")
     return 1.0 if extract_answer(text) == str(ground_truth).strip() else 0.0
 
 
@@ -49,6 +63,11 @@ class GSM8KEnvConfig(BaseEnvConfig):
         "data.shuffle=false feeds them, so a run of verl's own GRPO can see the same prompts at the same steps",
     )
     shuffle_seed: int = Field(default=0, description="seed of the order problems are served in")
+    scorer: Literal["last_marker", "verl"] = Field(
+        default="last_marker",
+        description="last_marker: the number after the last '####' anywhere in the solution; verl: verl's own "
+        "GSM8K reward ('#### N' in the last 300 characters), the reward verl's own GRPO trains on",
+    )
 
 
 class GSM8KEnv(BaseEnv):
@@ -114,7 +133,7 @@ class GSM8KEnv(BaseEnv):
             group["tokens"].append(node.tokens)
             group["masks"].append(node.masked_tokens)
             group["inference_logprobs"].append(node.logprobs)
-            group["scores"].append(score_solution(text, ground_truth))
+            group["scores"].append(score_solution(text, ground_truth, self.config.scorer))
         return group, []
 
     async def evaluate(self, *args, **kwargs):

@@ -89,7 +89,7 @@ class GSM8KAnswerCreditEnv(GSM8KEnv):
     async def collect_trajectories(self, item):
         messages, ground_truth = item
         texts, nodes = await self.sample_group(messages)
-        scores = [score_solution(text, ground_truth) for text in texts]
+        scores = [score_solution(text, ground_truth, self.config.scorer) for text in texts]
         formatted = [extract_answer(text) is not None for text in texts]
         advantages = group_advantages(scores, formatted, self.config.format_credit)
         group = {"tokens": [], "masks": [], "scores": scores, "inference_logprobs": [], "advantages": []}
