@@ -12,7 +12,11 @@ its generation; the part of it in which the replicas had nothing to generate
 (``atropos/batch_wait_idle_s``: environments scoring and posting, the API forming the batch) is
 given apart. Step times depend on how long the responses are, and two runs' policies drift
 apart, so the trained tokens per second (verl's ``perf/total_num_tokens``, prompts and
-responses) and the mean response length are given too. Then the ratios ours / verl.
+responses) and the mean response length are given too. So is how long one request took at
+the replica, the median over the steps of each step's mean and slowest (ours:
+``atropos/replica/request_s_mean`` and ``_max``, each choice one request; verl's:
+``timing_s/agent_loop/generate_sequences/mean`` and ``/max``): the same engine answering
+slower in one run points at the way requests reach it, not at pacing. Then the ratios ours / verl.
 
 verl's own run does not log how many sequences a step trained: it is its
 ``data.train_batch_size`` x ``rollout.n``, given as ``--verl-sequences-per-step``.
@@ -44,6 +48,14 @@ class RunFigures:
     gen_share: float | None  # verl's timing_s/gen / step time; None for ours
     tokens_per_s: float | None  # perf/total_num_tokens / step time; None: not logged
     mean_response_tokens: float | None  # mean of response_length/mean; None: not logged
+    request_s: tuple[float, float] | None  # step medians of one request's mean and slowest time; None: not logged
+
+
+# one request's time at the replica, mean and slowest of a step: ours', then verl's own
+REQUEST_TIME_KEYS = (
+    ("atropos/replica/request_s_mean", "atropos/replica/request_s_max"),
+    ("timing_s/agent_loop/generate_sequences/mean", "timing_s/agent_loop/generate_sequences/max"),
+)
 
 
 def run_figures(path: str | Path, sequences_per_step: int | None = None) -> RunFigures:
@@ -74,6 +86,12 @@ def run_figures(path: str | Path, sequences_per_step: int | None = None) -> RunF
         tokens = sum(m["perf/total_num_tokens"] for m in steps.values()) / sum(step_s)
     if all("response_length/mean" in m for m in steps.values()):
         response = statistics.mean(m["response_length/mean"] for m in steps.values())
+    request_s = None
+    for mean_key, max_key in REQUEST_TIME_KEYS:
+        if all(mean_key in m and max_key in m for m in steps.values()):
+            request_s = (statistics.median(m[mean_key] for m in steps.values()),
+                         statistics.median(m[max_key] for m in steps.values()))
+            break
     return RunFigures(
         steps=len(steps),
         median_step_s=statistics.median(step_s),
@@ -84,6 +102,7 @@ def run_figures(path: str | Path, sequences_per_step: int | None = None) -> RunF
         gen_share=gen,
         tokens_per_s=tokens,
         mean_response_tokens=response,
+        request_s=request_s,
     )
 
 
@@ -102,6 +121,9 @@ def describe(label: str, figures: RunFigures) -> str:
         parts.append(f"{figures.tokens_per_s:.0f} trained tokens/s")
     if figures.mean_response_tokens is not None:
         parts.append(f"responses {figures.mean_response_tokens:.0f} tokens on average")
+    if figures.request_s is not None:
+        parts.append(f"a request at the replica {figures.request_s[0]:.2f} s on average, "
+                     f"the slowest {figures.request_s[1]:.2f} s (step medians)")
     return ", ".join(parts)
 
 

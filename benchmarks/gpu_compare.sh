@@ -12,7 +12,7 @@
 # Every run's metrics go to OUT_DIR/NAME.jsonl; benchmarks/compare_runs.py prints, per round,
 # the median step time (steps 3 on), trained sequences and tokens per second, the mean response
 # length (runs whose answers drift apart take different times a step), the stale-discarded
-# share, the batch-wait share of a step, and the ratios. CONFIG defaults to
+# share, the batch-wait share of a step, one request's time at the replica, and the ratios. CONFIG defaults to
 # atropos_grpo_qwen05b_verl_reward_gpu: the gsm8k environment scored by verl's own GSM8K reward, so
 # both trainers reward the same answers and their answers keep alike lengths (a step's time
 # follows its tokens).

@@ -53,9 +53,12 @@ def test_figures_count_steps_three_on(tmp_path):
 def test_verl_runs_need_their_sequences_per_step_and_the_ratios_are_printed(tmp_path):
     # a run whose responses are half as long trains fewer tokens a second at a faster step
     ours = write_run(tmp_path / "ours.jsonl", [
-        {**ours_step(10, 8, 0, 2, 0), "perf/total_num_tokens": 1000.0, "response_length/mean": 50.0}] * 4)
+        {**ours_step(10, 8, 0, 2, 0), "perf/total_num_tokens": 1000.0, "response_length/mean": 50.0,
+         "atropos/replica/request_s_mean": mean, "atropos/replica/request_s_max": 2 * mean}
+        for mean in (9.0, 9.0, 1.0, 1.5, 2.0)])
     verl_step = {"timing_s/step": 8.0, "timing_s/gen": 2.0, "perf/total_num_tokens": 1600.0,
-                 "response_length/mean": 100.0}
+                 "response_length/mean": 100.0, "timing_s/agent_loop/generate_sequences/mean": 0.75,
+                 "timing_s/agent_loop/generate_sequences/max": 1.75}
     verl = write_run(tmp_path / "verl.jsonl", [verl_step] * 4)
     with pytest.raises(SystemExit, match="sequences per step"):
         compare_runs["run_figures"](verl)
@@ -67,3 +70,6 @@ def test_verl_runs_need_their_sequences_per_step_and_the_ratios_are_printed(tmp_
     ).stdout
     assert "ratio ours/verl: step time 1.250, trained sequences/s 0.800, trained tokens/s 0.500" in printed
     assert "100 trained tokens/s, responses 50 tokens on average" in printed
+    # one request's time at the replica: step medians from step 3 on, ours' and verl's agent loop's
+    assert "a request at the replica 1.50 s on average, the slowest 3.00 s (step medians)" in printed
+    assert "a request at the replica 0.75 s on average, the slowest 1.75 s (step medians)" in printed

@@ -252,6 +252,22 @@ def test_idle_clock_runs_only_while_open_with_nothing_in_flight():
         assert gateway.idle_seconds() - paused_at >= 0.3
 
 
+def test_the_replica_clock_times_each_request_from_sent_to_answered():
+    # what atropos/replica/* is read from: verl's agent loop times each sample the same way
+    with gateway_to_slow_replica(delay_s=0.3) as (_, gateway):
+        assert gateway.take_replica_timing().requests == 0
+        reply = httpx.post(f"{gateway.url}/generate", json={**TWO_TOKENS, "n": 4}, timeout=30)
+        assert reply.status_code == 200
+        timing = gateway.take_replica_timing()
+        assert gateway.take_replica_timing().requests == 0  # each take starts afresh
+    # four single-choice requests, sent together, each answered with one token after 0.3 s
+    assert (timing.requests, timing.tokens) == (4, 4)
+    assert 0.3 <= timing.request_s_mean <= timing.request_s_max <= timing.span_s < 2.0
+    assert timing.start_spread_s < 0.2
+    assert timing.tokens_per_s == pytest.approx(4 / timing.span_s)
+    assert timing.metrics()["atropos/replica/requests"] == 4.0
+
+
 def test_gateway_port_in_use_is_a_clear_error():
     with ServedApp(recorded_vllm_app()) as replica:
         with pytest.raises(OSError, match="trainer.atropos.gateway_port"):

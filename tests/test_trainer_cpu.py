@@ -60,6 +60,12 @@ def test_three_steps_through_a_real_environment(cpu_run, assets):
         assert any(name.startswith("atropos/env/") and name.endswith("/score_mean") for name in metrics)
         # part of the wait for the batch, no more
         assert 0 <= metrics["atropos/batch_wait_idle_s"] <= metrics["atropos/batch_wait_s"]
+        # requests the replicas answered since the last batch, timed one by one (none at a step whose
+        # batch was generated before the last fetch, as run-api's open window allows)
+        if metrics["atropos/replica/requests"] > 0:
+            assert metrics["atropos/replica/tokens"] > 0
+            assert 0 < metrics["atropos/replica/request_s_mean"] <= metrics["atropos/replica/request_s_max"]
+            assert metrics["atropos/replica/request_s_max"] <= metrics["atropos/replica/span_s"]
         # two groups a batch; any the staleness bound left out are counted, not lost
         # (a batch left out whole is followed by another in the same step: whole batches either way)
         stale = metrics.get("atropos/rejected/policy_lag_exceeded", 0)
@@ -72,6 +78,9 @@ def test_three_steps_through_a_real_environment(cpu_run, assets):
         assert metrics["atropos/override_fraction"] == 1.0
         # after each sync the replicas score a sequence exactly as the actor does
         assert metrics["atropos/weight_sync_max_logprob_gap"] < 1e-4
+    # every trained sequence was one request, answered before its batch was fetched
+    answered = sum(steps[s]["atropos/replica/requests"] for s in (1, 2, 3))
+    assert answered >= sum(steps[s]["atropos/sequences"] for s in (1, 2, 3))
     fixed_probe = [steps[s]["atropos/weight_sync_fixed_probe_logprob"] for s in (1, 2, 3)]
     assert len(set(fixed_probe)) == 3, f"the replicas' weights did not move: {fixed_probe}"
 

@@ -58,6 +58,7 @@ from .context_fit import fit_to_context, token_prompt_length, tokenize_request
 from .disconnect import unless_disconnected
 from .partial_rollout import ABORTED, finish_tokens_in_choice, resend_until_finished
 from .policy_versions import PolicyVersionLedger
+from .replica_timing import ReplicaClock, generated_tokens
 from .request_stats import CountRequests, RequestStats
 from .requests import GatewayLimits, request_models, unknown_model_response, validation_error_handler
 
@@ -179,6 +180,7 @@ class Gateway:
         self._served_model: dict[str, str] = {}
         self._context_len: dict[str, int | None] = {}
         self.stats = RequestStats()
+        self.replica_clock = ReplicaClock()
 
     # -- pause / resume, from the trainer ---------------------------------------------
 
@@ -247,7 +249,9 @@ class Gateway:
             # environments name the model as they please; each replica serves exactly one
             body = {**body, "model": await self._model_of(replica)}
             body = await self._fit_to_context(replica, path, body)
+            sent = self.replica_clock.now()
             response = await self._client().post(f"{replica}{path}", json=body)
+            answered = self.replica_clock.now()
         except httpx.TransportError as exc:
             raise HTTPException(502, f"replica {replica} did not answer {path}: {type(exc).__name__}: {exc}") from exc
         finally:
@@ -258,7 +262,9 @@ class Gateway:
                     self._idle_since = time.monotonic()
         if response.status_code != 200:
             raise HTTPException(response.status_code, f"replica {replica} answered {path}: {response.text[:500]}")
-        return response.json(), version
+        reply = response.json()
+        self.replica_clock.note(sent, answered, generated_tokens(reply))
+        return reply, version
 
     async def forward_single_choices(self, path: str, body: dict[str, Any], count: int) -> list[tuple[dict, int]]:
         """``count`` requests of one choice each, at most ``limits.max_concurrency`` in flight gateway-wide."""
@@ -484,6 +490,10 @@ class GatewayServer:
 
     def window_stats(self):
         return self._read_on_loop(self.gateway.window.stats)
+
+    def take_replica_timing(self):
+        """How the replicas answered since the last call (:mod:`.replica_timing`)."""
+        return self._read_on_loop(self.gateway.replica_clock.take)
 
     def _read_on_loop(self, read):
         """``read()`` run on the gateway's event loop, where the state it reads changes."""

@@ -314,6 +314,8 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
                 prefetched, waited = prefetcher.get()
                 # the part of the wait in which the replicas had nothing to generate
                 idle_wait = min(waited, self.gateway.idle_seconds() - idle_before)
+                # how the replicas answered since the last batch: a slow engine or requests that started late
+                replica_timing = self.gateway.take_replica_timing()
             carried = self._untrained
             shaped = shape_batch(
                 prefetched.result,
@@ -373,6 +375,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         # from the batch the actor updated on; groups of wholly rejected batches count with this step
         metrics.update(atropos_metrics(shaped, batch, batch_wait_s=waited))
         metrics["atropos/batch_wait_idle_s"] = idle_wait
+        metrics.update(replica_timing.metrics())
         metrics.update(self._accounting(prefetcher))
         metrics["atropos/fetch_s"] = prefetched.fetch_s
         metrics["atropos/convert_s"] = prefetched.convert_s
