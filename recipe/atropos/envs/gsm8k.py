@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import random
 import re
-from typing import Literal
+from typing import Literal, get_args
 
 import pyarrow.parquet as pq
 from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, ScoredDataGroup
@@ -39,10 +39,11 @@ def extract_answer(text: str) -> str | None:
     return number[:-2] if number.endswith(".0") else number
 
 
-SCORERS = ("last_marker", "verl")
+Scorer = Literal["last_marker", "verl"]
+SCORERS = get_args(Scorer)
 
 
-def score_solution(text: str, ground_truth: str, scorer: str = "last_marker") -> float:
+def score_solution(text: str, ground_truth: str, scorer: Scorer = "last_marker") -> float:
     """1.0 if the solution's answer is the reference answer, else 0.0, as ``scorer`` reads it."""
     if scorer == "verl":
         return float(verl_gsm8k.compute_score(text, str(ground_truth).strip()))
@@ -63,7 +64,7 @@ class GSM8KEnvConfig(BaseEnvConfig):
         "data.shuffle=false feeds them, so a run of verl's own GRPO can see the same prompts at the same steps",
     )
     shuffle_seed: int = Field(default=0, description="seed of the order problems are served in")
-    scorer: Literal["last_marker", "verl"] = Field(
+    scorer: Scorer = Field(
         default="last_marker",
         description="last_marker: the number after the last '####' anywhere in the solution; verl: verl's own "
         "GSM8K reward ('#### N' in the last 300 characters), the reward verl's own GRPO trains on",
