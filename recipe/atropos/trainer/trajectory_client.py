@@ -30,8 +30,10 @@ logger = logging.getLogger(__name__)
 
 
 # Longest pause between polls of an empty /batch, whatever backoff_max_s (which paces retries) says:
-# a batch the API can form is taken within this, and a poll on loopback costs next to nothing.
-BATCH_POLL_MAX_S = 0.25
+# a batch the API can form is taken within this, and a poll on loopback costs next to nothing. Every
+# moment between the batch forming and the trainer taking it is a moment the replicas sit idle
+# (colocated, the next batch is only generated once this one trains), so the pause stays short.
+BATCH_POLL_MAX_S = 0.05
 
 
 class AtroposAPIError(RuntimeError):
