@@ -367,6 +367,10 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             self._maybe_save_checkpoint(timing_raw)
             # trained: room in the generation window for the next batch, generated under the new weights
             prefetcher.done_with(prefetched)
+            if self._pacer is not None:
+                # the window learns of that room now, not at the pacer's next reading, so the next
+                # batch starts the moment the replicas resume
+                self._pacer.poll_once()
             self._sync_weights(timing_raw, metrics)
         if self.atropos.check_weight_sync:
             metrics.update(self._weight_sync_gap(batch))
