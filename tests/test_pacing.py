@@ -148,6 +148,48 @@ def test_a_starved_trainer_with_nothing_moving_lets_one_held_request_through():
     run(scenario())
 
 
+def test_held_requests_take_turns_across_clients_and_keep_their_order_within_one():
+    async def scenario():
+        window = GenerationWindow(window=4, settle_s=60)
+        admitted = []
+
+        async def ask(client, name):
+            await window.acquire(2, client)
+            admitted.append(name)
+
+        await window.acquire(4, "greedy")  # one environment fills the window
+        tasks = [asyncio.create_task(ask("greedy", f"greedy {i}")) for i in range(3)]
+        await asyncio.sleep(0.05)
+        tasks.append(asyncio.create_task(ask("other", "other 0")))  # held after the greedy one's three
+        await asyncio.sleep(0.05)
+        assert admitted == [] and window.stats().held_requests == 4
+        await window.release(4, returned=0)  # room for two requests of two
+        await asyncio.sleep(0.05)
+        # first come, first served would admit greedy 0 and greedy 1: the other client's turn comes first
+        assert admitted == ["other 0", "greedy 0"]
+        await window.release(4, returned=0)
+        await asyncio.sleep(0.05)
+        assert admitted == ["other 0", "greedy 0", "greedy 1", "greedy 2"]
+        await asyncio.gather(*tasks)
+
+    run(scenario())
+
+
+def test_a_cancelled_held_request_gives_its_turn_to_the_next():
+    async def scenario():
+        window = GenerationWindow(window=2, settle_s=60)
+        await window.acquire(2, "a")
+        first = asyncio.create_task(window.acquire(2, "b"))
+        second = asyncio.create_task(window.acquire(2, "c"))
+        await asyncio.sleep(0.05)
+        first.cancel()  # its caller went away while it was next in line
+        await window.release(2, returned=0)
+        await asyncio.wait_for(second, 1)
+        assert window.stats().held_requests == 0 and window.stats().in_flight == 2
+
+    run(scenario())
+
+
 def test_no_window_never_holds():
     async def scenario():
         window = GenerationWindow()

@@ -19,6 +19,12 @@ replicas sleep while the actor trains; one more per step of staleness allowed wh
 they keep generating) and reports what has arrived at the API and what it has not
 consumed yet (:meth:`observe`).
 
+Held requests are let through in turns across clients (an environment copy is known by the
+API key it sends): when room frees, the held request of the client whose last admission is
+oldest goes first, and a client's own requests keep their order. One environment with many
+workers cannot take every turn from another, and with one environment this is first come,
+first served.
+
 A full window can also hold the very request a batch needs: the API forms a batch only
 with each environment's ``min_batch_allocation``, so if one environment filled the window,
 another's group must still come. So while the trainer waits for a batch (``starved``)
@@ -35,9 +41,12 @@ environments drop most groups still gets its batches.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass
+
+from .request_stats import ANONYMOUS
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,15 @@ class AdmissionStats:
     held_total: int  # requests that had to wait, ever
     held_s: float  # seconds requests spent waiting, summed
     escapes: int  # requests let through a full window because the trainer starved with nothing moving
+
+
+@dataclass(frozen=True)
+class _Ticket:
+    """A held request: whose, how many sequences, and its place in arrival order."""
+
+    client: str
+    count: int
+    number: int
 
 
 def _check_window(window: int | None) -> None:
@@ -83,7 +101,10 @@ class GenerationWindow:
         self._arrived_seen: int | None = None  # the API's cumulative count when last observed
         self._counts = {"admitted": 0, "returned": 0, "arrived": 0, "dropped": 0, "held_total": 0, "escapes": 0}
         self._held_s = 0.0
-        self._waiting = 0
+        self._held: list[_Ticket] = []  # requests waiting for room, in arrival order
+        self._tickets = itertools.count()
+        self._turns = itertools.count()
+        self._last_turn: dict[str, int] = {}  # client -> the turn of its latest admission
         self._changed = asyncio.Condition()
 
     @property
@@ -108,26 +129,36 @@ class GenerationWindow:
             self._quiet_since = self._clock()
         return 0.0 if self._quiet_since is None else self._clock() - self._quiet_since
 
-    async def acquire(self, count: int) -> None:
-        """Wait until ``count`` more sequences fit the window, then count them in flight."""
+    def _next_held(self) -> _Ticket:
+        """The held request whose turn it is: its client's last admission is the oldest."""
+        return min(self._held, key=lambda ticket: (self._last_turn.get(ticket.client, -1), ticket.number))
+
+    async def acquire(self, count: int, client: str = ANONYMOUS) -> None:
+        """Wait until ``count`` more sequences fit the window and it is ``client``'s turn, then count
+        them in flight."""
         async with self._changed:
-            if not self._has_room(count):
+            # a request that finds others held waits its turn, even if room just freed
+            if self._held or not self._has_room(count):
+                ticket = _Ticket(client, count, next(self._tickets))
                 started = self._clock()
-                self._waiting += 1
+                self._held.append(ticket)
                 self._counts["held_total"] += 1
                 try:
-                    while not self._has_room(count):
+                    while not (self._next_held() is ticket and self._has_room(count)):
                         # woken by any change; the timeout lets unsettled sequences expire
                         try:
                             await asyncio.wait_for(self._changed.wait(), timeout=self._next_expiry())
                         except asyncio.TimeoutError:
                             pass
                 finally:
-                    self._waiting -= 1
+                    self._held.remove(ticket)
                     self._held_s += self._clock() - started
+                    # the next in line may go now (or, if this one was cancelled, instead of it)
+                    self._changed.notify_all()
             self._in_flight += count
             self._quiet_since = None
             self._counts["admitted"] += count
+            self._last_turn[client] = next(self._turns)
 
     async def release(self, count: int, returned: int | None = None) -> None:
         """``count`` sequences left the replicas; ``returned`` of them (default all) went to the environment."""
@@ -180,7 +211,7 @@ class GenerationWindow:
             in_flight=self._in_flight,
             unsettled=sum(entry[1] for entry in self._returned),
             downstream=self._downstream,
-            held_requests=self._waiting,
+            held_requests=len(self._held),
             held_total=self._counts["held_total"],
             held_s=self._held_s,
             escapes=self._counts["escapes"],

@@ -59,7 +59,7 @@ from .disconnect import unless_disconnected
 from .partial_rollout import ABORTED, finish_tokens_in_choice, resend_until_finished
 from .policy_versions import PolicyVersionLedger
 from .replica_timing import ReplicaClock, generated_tokens
-from .request_stats import CountRequests, RequestStats
+from .request_stats import CountRequests, RequestStats, current_client
 from .requests import GatewayLimits, request_models, unknown_model_response, validation_error_handler
 
 logger = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def admitted(self, choices: int) -> AsyncIterator[None]:
         """Hold the request until ``choices`` more sequences fit the generation window."""
-        await self.window.acquire(choices)
+        await self.window.acquire(choices, current_client.get())
         answered = False
         try:
             yield

@@ -232,8 +232,9 @@ def test_launcher_trains_three_steps_with_two_environments(launch):
     for step, metrics in steps.items():
         assert 0 <= unaccounted(metrics) <= 2, (step, metrics)
     assert unaccounted(steps[3]) == 0 and steps[3]["atropos/accounting/fetched_ahead_groups"] == 0, steps[3]
-    # generation paced to one batch a step (the window is shared first come, first served, so a
-    # group one environment generated beyond its half of a batch may still wait and go stale)
+    # generation paced to one batch a step (the window is not split into fixed shares by
+    # environment, so a group one environment generated beyond its half of a batch may still wait
+    # and go stale)
     assert steps[3]["atropos/generation/window_sequences"] == 8
     assert run.alive() == []
 
