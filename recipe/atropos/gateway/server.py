@@ -96,6 +96,11 @@ def atropos_to_vllm_generate(body: dict[str, Any]) -> dict[str, Any]:
     sampling = {key: body[key] for key in SAMPLING_KEYS if body.get(key) is not None}
     # Atropos asks for logprobs=0: the sampled token's log-prob, nothing more.
     sampling["logprobs"] = int(body.get("logprobs") or 0)
+    if not sampling.get("stop"):
+        # The reply carries token ids and the environment decodes them itself, so the replica need not
+        # detokenize each token as it is generated (vLLM does that on the event loop that also serves
+        # every other request); stop strings are matched on text, so they keep it.
+        sampling["detokenize"] = False
     return {"token_ids": token_ids, "sampling_params": sampling}
 
 
