@@ -55,12 +55,13 @@ def test_atropos_request_becomes_vllm_tokens_in_request():
     assert atropos_to_vllm_generate(atropos) == {
         "token_ids": [5, 6, 7],
         "sampling_params": {
-            "n": 4, "max_tokens": 16, "temperature": 0.7, "top_p": 0.9, "stop": ["\n\n"], "logprobs": 0
+            "n": 4, "max_tokens": 16, "temperature": 0.7, "top_p": 0.9, "stop": ["\n\n"], "logprobs": 0,
+            "output_kind": 2,  # vLLM's FINAL_ONLY: the reply is read once the choice has finished
         },
     }
     # without stop strings (matched on text) the replica is spared detokenizing: the reply carries token ids
     assert atropos_to_vllm_generate({"prompt": {"prompt_token_ids": [1]}, "max_new_tokens": 3})["sampling_params"] == {
-        "max_tokens": 3, "logprobs": 0, "detokenize": False}
+        "max_tokens": 3, "logprobs": 0, "output_kind": 2, "detokenize": False}
 
 
 @pytest.mark.parametrize("bad", [{}, {"prompt": "text"}, {"prompt": {"prompt_token_ids": []}}])
@@ -97,7 +98,8 @@ def test_atroposlib_vllm_client_through_the_gateway_to_recorded_vllm(tiny_model_
     assert (prompt, tokens, logprobs, finish) == ([5, 6, 7], [[2]], [[-0.6830326914787292]], ["stop"])
     # the replica's own model name replaces whatever the environment sent
     assert app.state.requests == [{"token_ids": [5, 6, 7], "model": "/models/smollm2",
-                                   "sampling_params": {"n": 1, "max_tokens": 8, "logprobs": 0, "detokenize": False}}]
+                                   "sampling_params": {"n": 1, "max_tokens": 8, "logprobs": 0, "output_kind": 2,
+                                                       "detokenize": False}}]
 
 
 def test_n_choices_are_n_independent_single_choice_requests(tiny_model_dir):

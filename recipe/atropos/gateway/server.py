@@ -64,6 +64,9 @@ from .requests import GatewayLimits, request_models, unknown_model_response, val
 
 logger = logging.getLogger(__name__)
 
+# vLLM's RequestOutputKind.FINAL_ONLY: one output per request, when it finishes
+VLLM_FINAL_ONLY = 2
+
 # Atropos request keys that are vLLM sampling parameters.
 SAMPLING_KEYS = (
     "n",
@@ -96,10 +99,14 @@ def atropos_to_vllm_generate(body: dict[str, Any]) -> dict[str, Any]:
     sampling = {key: body[key] for key in SAMPLING_KEYS if body.get(key) is not None}
     # Atropos asks for logprobs=0: the sampled token's log-prob, nothing more.
     sampling["logprobs"] = int(body.get("logprobs") or 0)
+    # The reply is read once, when the choice has finished (or was aborted, which vLLM answers with
+    # every token so far): vLLM need not build an output for every step of every request on the event
+    # loop that also serves the others (its RequestOutputKind.FINAL_ONLY).
+    sampling["output_kind"] = VLLM_FINAL_ONLY
     if not sampling.get("stop"):
         # The reply carries token ids and the environment decodes them itself, so the replica need not
-        # detokenize each token as it is generated (vLLM does that on the event loop that also serves
-        # every other request); stop strings are matched on text, so they keep it.
+        # detokenize each token as it is generated, on that same loop; stop strings are matched on
+        # text, so they keep it.
         sampling["detokenize"] = False
     return {"token_ids": token_ids, "sampling_params": sampling}
 
