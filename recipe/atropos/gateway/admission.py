@@ -67,13 +67,11 @@ class AdmissionStats:
     escapes: int  # requests let through a full window because the trainer starved with nothing moving
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)  # each held request is its own ticket, whoever else holds one like it
 class _Ticket:
-    """A held request: whose, how many sequences, and its place in arrival order."""
+    """A held request, and whose it is."""
 
     client: str
-    count: int
-    number: int
 
 
 def _check_window(window: int | None) -> None:
@@ -102,7 +100,6 @@ class GenerationWindow:
         self._counts = {"admitted": 0, "returned": 0, "arrived": 0, "dropped": 0, "held_total": 0, "escapes": 0}
         self._held_s = 0.0
         self._held: list[_Ticket] = []  # requests waiting for room, in arrival order
-        self._tickets = itertools.count()
         self._turns = itertools.count()
         self._last_turn: dict[str, int] = {}  # client -> the turn of its latest admission
         self._changed = asyncio.Condition()
@@ -130,8 +127,9 @@ class GenerationWindow:
         return 0.0 if self._quiet_since is None else self._clock() - self._quiet_since
 
     def _next_held(self) -> _Ticket:
-        """The held request whose turn it is: its client's last admission is the oldest."""
-        return min(self._held, key=lambda ticket: (self._last_turn.get(ticket.client, -1), ticket.number))
+        """The held request whose turn it is: its client's last admission is the oldest (of a client's
+        own, the earliest: ``min`` keeps the first of equals, and ``_held`` is in arrival order)."""
+        return min(self._held, key=lambda ticket: self._last_turn.get(ticket.client, -1))
 
     async def acquire(self, count: int, client: str = ANONYMOUS) -> None:
         """Wait until ``count`` more sequences fit the window and it is ``client``'s turn, then count
@@ -139,7 +137,7 @@ class GenerationWindow:
         async with self._changed:
             # a request that finds others held waits its turn, even if room just freed
             if self._held or not self._has_room(count):
-                ticket = _Ticket(client, count, next(self._tickets))
+                ticket = _Ticket(client)
                 started = self._clock()
                 self._held.append(ticket)
                 self._counts["held_total"] += 1
