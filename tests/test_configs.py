@@ -22,6 +22,14 @@ def load(name: str, overrides=()):
         return compose(config_name=name, overrides=list(overrides))
 
 
+def first_env_flags(config) -> dict[str, str]:
+    """The ``--key value`` flags the launcher gives the config's first environment."""
+    spec = ServicesConfig.from_run_config(config).envs[0]
+    command = env_command(spec, 0, config, AtroposConfig.from_run_config(config), "http://g")
+    flags = command[command.index("serve") + 1:]
+    return dict(zip(flags[::2], flags[1::2]))
+
+
 def test_small_config_is_the_seeds():
     config = load("atropos_grpo_small")
     check_config(config)
@@ -64,10 +72,7 @@ def test_qwen05b_learning_configs_differ_only_in_their_environment():
     # the environments serve the problems in the file's order, as verl reads them with data.shuffle=false
     assert plain.data.shuffle is False
     for config in (plain, credit):
-        spec = ServicesConfig.from_run_config(config).envs[0]
-        command = env_command(spec, 0, config, AtroposConfig.from_run_config(config), "http://g")
-        flags = command[command.index("serve") + 1:]
-        assert dict(zip(flags[::2], flags[1::2]))["--env.shuffle"] == "false"
+        assert first_env_flags(config)["--env.shuffle"] == "false"
 
 
 def test_the_verl_reward_config_is_the_plain_one_scored_by_verls_reward():
@@ -79,9 +84,7 @@ def test_the_verl_reward_config_is_the_plain_one_scored_by_verls_reward():
     plain_env, verl_env = (ServicesConfig.from_run_config(c).envs[0] for c in (plain, verl_reward))
     assert plain_env.module == verl_env.module == "recipe.atropos.envs.gsm8k"
     assert {k: v for k, v in verl_env.args.items() if k != "env.scorer"} == plain_env.args
-    command = env_command(verl_env, 0, verl_reward, AtroposConfig.from_run_config(verl_reward), "http://g")
-    flags = command[command.index("serve") + 1:]
-    assert dict(zip(flags[::2], flags[1::2]))["--env.scorer"] == "verl"
+    assert first_env_flags(verl_reward)["--env.scorer"] == "verl"
 
 
 def test_a_typo_in_trainer_atropos_fails_at_start_up():
