@@ -7,6 +7,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 
 from recipe.atropos.settings import AtroposConfig
@@ -206,3 +207,40 @@ def test_config_rejects_bad_values_naming_the_key(bad, match):
 def test_registration_rejects_non_positive_sizes():
     with pytest.raises(ValueError, match="batch_size must be > 0"):
         Registration(batch_size=0, max_token_len=10, num_steps=1)
+
+
+class RecordingTransport(httpx.HTTPTransport):
+    """The real HTTP transport, keeping each response's headers."""
+
+    def __init__(self):
+        super().__init__()
+        self.encodings: list[tuple[str, str | None]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        self.encodings.append((request.url.path, response.headers.get("content-encoding")))
+        return response
+
+
+def test_batches_come_uncompressed(project_api):
+    # a batch big enough for the API's gzip middleware (1 kB): the client must not ask for gzip,
+    # whose level-9 compression of a real batch costs more than the transfer it saves
+    transport = RecordingTransport()
+    client = AtroposClient(project_api.url, timeout=10, backoff_initial_s=0.02, transport=transport)
+    client.register(Registration(batch_size=4, max_token_len=4096, num_steps=5))
+    assert project_api.get("/batch")["batch"] is None  # environments register after the trainer's first poll
+    project_api.register_env("e", group_size=2)
+    for _ in range(2):
+        group = make_group(2)
+        group["tokens"] = [list(range(1, 400)) for _ in range(2)]
+        group["masks"] = [[-100] * 100 + list(range(101, 400)) for _ in range(2)]
+        project_api.post("/scored_data", group)
+    batch = client.fetch_batch()
+    assert batch.num_sequences == 4
+    batch_answers = [encoding for path, encoding in transport.encodings if path == "/batch"]
+    assert batch_answers and all(encoding is None for encoding in batch_answers)
+    # the API does compress for a client that asks: the test above is not vacuous
+    project_api.post("/scored_data", group)
+    project_api.post("/scored_data", group)
+    raw = httpx.get(f"{project_api.url}/batch", headers={"Accept-Encoding": "gzip"})
+    assert raw.headers.get("content-encoding") == "gzip" and len(raw.json()["batch"]) == 2

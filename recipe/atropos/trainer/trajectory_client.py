@@ -120,7 +120,12 @@ class AtroposClient:
         self.step = 0
         # how often the API forgot this trainer and was registered with again
         self.reregistrations = 0
-        self._http = httpx.Client(base_url=self.api_url, timeout=timeout, transport=transport)
+        # Uncompressed answers: a batch is megabytes of JSON, and gzipping it (the API's middleware
+        # compresses at level 9) takes the API ten times longer than sending it over loopback or a
+        # cluster's network; the replicas sit idle for that time.
+        self._http = httpx.Client(
+            base_url=self.api_url, timeout=timeout, transport=transport, headers={"Accept-Encoding": "identity"}
+        )
 
     @classmethod
     def from_config(cls, config: AtroposConfig) -> AtroposClient:
