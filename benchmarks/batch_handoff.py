@@ -16,10 +16,10 @@ poll for a moment (as the trainer waits while the last groups are generated), th
 group and times: (a) that POST's round trip, (b) from its return to the client returning the batch
 (poll wait, ``GET /batch``, decoding), (c) the conversion (the prefetcher's ``convert_s``), (d) the
 whole, from the start of the POST to the batch being ready. Then, with a full batch queued, a direct
-``GET /batch`` as the client sends it (``Accept-Encoding: gzip``) and one asking for ``identity``,
-with the response's size; and in this process the gzip (level 9, as Starlette's ``GZipMiddleware``
-compresses it) and the JSON decoding of that body, and the gzip of one group as the environment
-sends it. Prints the median and p90 of each over ``--repeats``.
+``GET /batch`` as the trainer's client sends it (``Accept-Encoding: identity``) and one asking for
+``gzip`` (httpx's and aiohttp's default), with the response's size; and in this process the gzip
+(level 9, as Starlette's ``GZipMiddleware`` compresses it) and the JSON decoding of that body, and
+the gzip of one group as the environment sends it. Prints the median and p90 of each over ``--repeats``.
 
     python benchmarks/batch_handoff.py
     python benchmarks/batch_handoff.py --groups 32 --group-size 8 --prompt-tokens 150 --response-tokens 285 --repeats 5
@@ -147,7 +147,7 @@ async def main(args: argparse.Namespace) -> None:
                                                ready - started)):
                     times[key].append(value)
 
-            direct: dict[str, list] = {"gzip": [], "identity": []}
+            direct: dict[str, list] = {"identity": [], "gzip": []}
             for encoding in direct:
                 for _ in range(args.repeats):
                     for group in groups:
